@@ -1,0 +1,1 @@
+"""The Lightning <-> cerebras.pytorch bridge (registers accelerator "cerebras" on import)."""

@@ -1,0 +1,3 @@
+from gigagpt.cli import main
+
+main()

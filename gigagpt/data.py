@@ -1,0 +1,345 @@
+"""Token files, step-indexed sampling and the LightningDataModule.
+
+A token file is a flat little-endian array of token ids (uint16, or uint32 for vocabularies over
+65536) made by ``gigagpt prepare``; ``meta.json`` beside it names the tokenizer and dtype. Window
+``i`` is tokens ``[i*T, (i+1)*T + 1)``: inputs are its first ``T`` tokens, labels its last ``T``.
+
+Batch ``k`` of a run is a pure function of ``(seed, k)``: the global batch ``k`` holds positions
+``k*G .. (k+1)*G - 1`` of a seeded, per-epoch permutation of the windows, where ``G`` is the global
+batch size; rank ``r`` takes its slice of it. A run resumed at step ``k`` therefore sees exactly the
+batches an uninterrupted run would have, and the same global batch does not depend on the number
+of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+PLACEHOLDER_MARKERS = ("/path/to", "<path", "path/to/", "changeme", "YOUR_")
+
+
+class DataConfigError(ValueError):
+    """A data setting is wrong; the message names the setting and the fix."""
+
+
+# -- token files ------------------------------------------------------------------------------------
+def read_meta(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataConfigError(f"{path} is not valid JSON ({err}); re-run `gigagpt prepare`") from None
+
+
+def open_tokens(path: str | os.PathLike, dtype: str = "uint16") -> np.memmap:
+    """Memory-map a token file, with clear errors for missing, empty or truncated files."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataConfigError(
+            f"token file {str(path)!r} does not exist; make it with `gigagpt prepare --output "
+            f"{path.parent}` (or point data.path at a folder holding train.bin and val.bin)"
+        )
+    itemsize = np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size == 0:
+        raise DataConfigError(f"token file {str(path)!r} is empty; re-run `gigagpt prepare`")
+    if size % itemsize:
+        raise DataConfigError(
+            f"token file {str(path)!r} has {size} bytes, not a multiple of {itemsize} ({dtype}): "
+            "it is truncated or not a token file; re-run `gigagpt prepare`"
+        )
+    return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
+
+
+def max_token_id(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
+    return int(max(tokens[i : i + chunk].max() for i in range(0, len(tokens), chunk)))
+
+
+class WindowDataset(Dataset):
+    """Non-overlapping windows of ``sequence_length + 1`` tokens from one token file."""
+
+    def __init__(self, path: str | os.PathLike, sequence_length: int, dtype: str = "uint16"):
+        self.path, self.sequence_length, self.dtype = str(path), sequence_length, dtype
+        self._tokens = None  # opened lazily: each worker process maps the file itself
+        self.num_tokens = len(open_tokens(path, dtype))
+
+    def __len__(self) -> int:
+        return max((self.num_tokens - 1) // self.sequence_length, 0)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tokens is None:
+            self._tokens = open_tokens(self.path, self.dtype)
+        t = self.sequence_length
+        window = torch.from_numpy(self._tokens[i * t : (i + 1) * t + 1].astype(np.int64))
+        return window[:-1], window[1:]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokens": None}
+
+
+def window_order(seed: int, epoch: int, num_windows: int) -> np.ndarray:
+    """The seeded permutation of windows for one pass over the data."""
+    return np.random.default_rng([seed, epoch]).permutation(num_windows)
+
+
+class StepSampler(Sampler[list[int]]):
+    """Yields the batches of one rank for steps ``start_step, start_step+1, ...``.
+
+    ``batch k`` is a pure function of ``(seed, k)``; ``num_steps=None`` yields forever (training
+    length is the Trainer's ``max_steps``).
+    """
+
+    def __init__(
+        self,
+        num_windows: int,
+        batch_size: int,
+        seed: int,
+        start_step: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_steps: int | None = None,
+    ):
+        global_batch = batch_size * world_size
+        if num_windows < global_batch:
+            raise DataConfigError(
+                f"the training file holds {num_windows} windows, fewer than one global batch of "
+                f"{global_batch} (data.batch_size={batch_size} x {world_size} ranks); lower "
+                "data.batch_size or data.sequence_length, or prepare more text"
+            )
+        self.num_windows, self.batch_size, self.seed = num_windows, batch_size, seed
+        self.start_step, self.rank, self.world_size, self.num_steps = start_step, rank, world_size, num_steps
+        self._epoch, self._order = None, None
+
+    def batch_indices(self, step: int) -> list[int]:
+        global_batch = self.batch_size * self.world_size
+        first = step * global_batch + self.rank * self.batch_size
+        out = []
+        for pos in range(first, first + self.batch_size):
+            epoch, offset = divmod(pos, self.num_windows)
+            if epoch != self._epoch:
+                self._epoch, self._order = epoch, window_order(self.seed, epoch, self.num_windows)
+            out.append(int(self._order[offset]))
+        return out
+
+    def __iter__(self):
+        step = self.start_step
+        while self.num_steps is None or step < self.start_step + self.num_steps:
+            yield self.batch_indices(step)
+            step += 1
+
+    def __len__(self) -> int:
+        if self.num_steps is None:
+            raise TypeError("an endless StepSampler has no length")
+        return self.num_steps
+
+
+def build_train_loader(
+    path: str,
+    sequence_length: int,
+    batch_size: int,
+    seed: int,
+    dtype: str = "uint16",
+    start_step: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_steps: int | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """The training loader from plain, picklable arguments.
+
+    Module-level on purpose: the Cerebras bridge ships this function and its arguments to remote
+    input workers, which rebuild the loader there.
+    """
+    dataset = WindowDataset(path, sequence_length, dtype)
+    sampler = StepSampler(len(dataset), batch_size, seed, start_step, rank, world_size, num_steps)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def build_eval_loader(
+    path: str,
+    sequence_length: int,
+    batch_size: int,
+    dtype: str = "uint16",
+    max_batches: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Validation/test loader: the first windows in order, split round-robin across ranks."""
+    dataset = WindowDataset(path, sequence_length, dtype)
+    n = len(dataset) // batch_size * batch_size
+    if max_batches is not None:
+        n = min(n, max_batches * batch_size * world_size)
+    indices = list(range(n))[rank::world_size]
+    subset = torch.utils.data.Subset(dataset, indices)
+    return DataLoader(subset, batch_size=batch_size, shuffle=False, drop_last=True,
+                      num_workers=num_workers, pin_memory=pin_memory)
+
+
+# -- the DataModule ----------------------------------------------------------------------------------
+@dataclass
+class ResolvedData:
+    train: str
+    val: str
+    dtype: str
+    meta: dict
+
+
+class GPTDataModule(L.LightningDataModule):
+    """Token windows from a folder made by ``gigagpt prepare`` (``train.bin``, ``val.bin``).
+
+    Args:
+        path: the folder holding ``train.bin``, ``val.bin`` and ``meta.json``.
+        sequence_length: tokens per training window (must not exceed the model's context).
+        batch_size: sequences per step on each device.
+        seed: seeds the window order; batch ``k`` depends only on ``(seed, k)``.
+        num_workers: loader worker processes per device.
+        val_batches: validation batches per evaluation (``None``: the whole ``val.bin``).
+    """
+
+    def __init__(
+        self,
+        path: str = "data/builtin",
+        sequence_length: int = 256,
+        batch_size: int = 16,
+        seed: int = 1337,
+        num_workers: int = 0,
+        val_batches: int | None = 20,
+    ):
+        super().__init__()
+        self.path = path
+        self.sequence_length = sequence_length
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.val_batches = val_batches
+        self.save_hyperparameters()
+        self.files: ResolvedData | None = None
+
+    # -- validation of settings ------------------------------------------------------------------
+    def resolve(self, vocab_size: int | None = None, max_positions: int | None = None) -> ResolvedData:
+        """Check every setting against the files and the model; raise DataConfigError if wrong."""
+        path = str(self.path)
+        if any(marker.lower() in path.lower() for marker in PLACEHOLDER_MARKERS):
+            raise DataConfigError(
+                f"data.path is still the placeholder {path!r}; set it to a folder made by "
+                "`gigagpt prepare` (e.g. --data.path data/builtin after `gigagpt prepare --builtin`)"
+            )
+        folder = Path(path)
+        if not folder.is_dir():
+            raise DataConfigError(
+                f"data.path {path!r} does not exist; run `gigagpt prepare --output {path} ...` "
+                "first, or point data.path at such a folder"
+            )
+        for name in ("sequence_length", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise DataConfigError(f"data.{name} must be a positive integer, got {value!r}")
+        if max_positions is not None and self.sequence_length > max_positions:
+            raise DataConfigError(
+                f"data.sequence_length={self.sequence_length} exceeds the model's "
+                f"max_position_embeddings={max_positions}; lower data.sequence_length or raise "
+                "model.config.max_position_embeddings"
+            )
+        meta = read_meta(folder)
+        dtype = meta.get("dtype", "uint16")
+        files = ResolvedData(str(folder / "train.bin"), str(folder / "val.bin"), dtype, meta)
+        for split in ("train", "val"):
+            tokens = open_tokens(getattr(files, split), dtype)
+            windows = (len(tokens) - 1) // self.sequence_length
+            if windows < self.batch_size:
+                raise DataConfigError(
+                    f"{split}.bin holds {len(tokens)} tokens = {windows} windows of "
+                    f"data.sequence_length={self.sequence_length}, fewer than one batch "
+                    f"(data.batch_size={self.batch_size}); lower data.batch_size or "
+                    "data.sequence_length, or prepare more text"
+                )
+            if vocab_size is not None:
+                # prepare records the largest id; scan only files made without it.
+                largest = meta.get(f"{split}_max_token_id")
+                if largest is None:
+                    largest = max_token_id(tokens)
+                if largest >= vocab_size:
+                    raise DataConfigError(
+                        f"{split}.bin contains token id {largest} but the model's vocab_size is "
+                        f"{vocab_size}; set model.config.vocab_size >= {largest + 1} (tokenizer "
+                        f"{meta.get('tokenizer', 'unknown')!r} has {meta.get('vocab_size', '?')}) "
+                        "or prepare the data with the model's tokenizer"
+                    )
+        return files
+
+    def setup(self, stage: str | None = None) -> None:
+        model_config = None
+        if self.trainer is not None and self.trainer.lightning_module is not None:
+            model_config = getattr(self.trainer.lightning_module, "config", None)
+        self.files = self.resolve(
+            getattr(model_config, "vocab_size", None),
+            getattr(model_config, "max_position_embeddings", None),
+        )
+
+    # -- loaders -----------------------------------------------------------------------------------
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _start_step(self) -> int:
+        """Batches already consumed by the restored run (0 for a fresh one)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.global_step * self.trainer.accumulate_grad_batches
+
+    def train_loader_args(self) -> dict:
+        """Plain arguments for :func:`build_train_loader` (what the Cerebras bridge ships)."""
+        rank, world = self._rank_world()
+        return dict(
+            path=self.files.train,
+            sequence_length=self.sequence_length,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            dtype=self.files.dtype,
+            start_step=self._start_step(),
+            rank=rank,
+            world_size=world,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.files is None:
+            self.setup("fit")
+        return build_train_loader(**self.train_loader_args())
+
+    def _eval_loader(self, path: str) -> DataLoader:
+        rank, world = self._rank_world()
+        return build_eval_loader(
+            path, self.sequence_length, self.batch_size, self.files.dtype, self.val_batches,
+            rank, world, self.num_workers, torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        if self.files is None:
+            self.setup("validate")
+        return self._eval_loader(self.files.val)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

@@ -1,0 +1,232 @@
+"""GPT-2/GPT-3 style decoder in plain PyTorch.
+
+Learned positions, pre-LayerNorm blocks, separate q/k/v/output projections, GELU MLP, a final
+LayerNorm and an LM head tied to the token embedding. The module knows nothing about where it
+runs: devices, precision and parallelism are decided by whoever trains it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class GPTConfig:
+    """Shape and initialisation of a GPT.
+
+    The defaults are the GPT-2 tokenizer's vocabulary (50257, not rounded up) and a 2048-token
+    context; ``depth`` blocks of ``width`` channels split over ``heads`` attention heads.
+    """
+
+    vocab_size: int = 50257
+    max_position_embeddings: int = 2048
+    depth: int = 12
+    width: int = 768
+    heads: int = 12
+    dropout: float = 0.0
+    bias: bool = True
+    init_std: float = 0.02
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_position_embeddings", "depth", "width", "heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model.config.{name} must be a positive integer, got {value!r}")
+        if self.width % self.heads:
+            raise ValueError(
+                f"model.config.width ({self.width}) must be divisible by model.config.heads "
+                f"({self.heads}); pick heads so that width / heads is a whole head size"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.config.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> GPTConfig:
+        """One of the named sizes (``tiny``, ``111m``, ``1p3b``, ``13b``, ``70b``, ``175b``)."""
+        if name not in NAMED_CONFIGS:
+            raise ValueError(f"unknown model size {name!r}; choose one of {sorted(NAMED_CONFIGS)}")
+        return replace(NAMED_CONFIGS[name], **overrides)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_params(self) -> int:
+        """Parameters with the head tied: V*W + P*W + depth*(12*W^2 + 13*W) + 2*W (with bias)."""
+        v, p, w, d = self.vocab_size, self.max_position_embeddings, self.width, self.depth
+        per_block = 12 * w * w + (13 * w if self.bias else 2 * w)
+        return v * w + p * w + d * per_block + (2 * w if self.bias else w)
+
+
+# The named sizes of REFERENCE.md (sequence length 2048, GPT-2 vocabulary) and a CPU-sized one.
+NAMED_CONFIGS: dict[str, GPTConfig] = {
+    "tiny": GPTConfig(vocab_size=256, max_position_embeddings=256, depth=4, width=128, heads=4),
+    "111m": GPTConfig(depth=10, width=768, heads=12, init_std=0.02),
+    "1p3b": GPTConfig(depth=24, width=2048, heads=16, init_std=0.01),
+    "13b": GPTConfig(depth=40, width=5120, heads=40, init_std=0.014),
+    "70b": GPTConfig(depth=80, width=8192, heads=64, init_std=0.01),
+    "175b": GPTConfig(depth=96, width=12288, heads=96, init_std=0.005),
+}
+
+
+class KVCache(nn.Module):
+    """Keys and values of the tokens seen so far, for incremental decoding.
+
+    Preallocated to ``max_len`` positions so each new token is a slice write, not a concatenation.
+    """
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, device=None, dtype=None):
+        super().__init__()
+        shape = (batch, heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = pos + k.size(2)
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        w, bias = config.width, config.bias
+        self.heads = config.heads
+        self.q_proj = nn.Linear(w, w, bias=bias)
+        self.k_proj = nn.Linear(w, w, bias=bias)
+        self.v_proj = nn.Linear(w, w, bias=bias)
+        self.out_proj = nn.Linear(w, w, bias=bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        b, t, w = x.shape
+        q, k, v = (
+            proj(x).view(b, t, self.heads, w // self.heads).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        if cache is None:
+            is_causal, mask = True, None
+        else:
+            k, v = cache.update(pos, k, v)
+            # A new chunk of t queries sees every cached key plus the causal part of its own.
+            is_causal = False
+            mask = None if t == 1 else torch.ones(t, k.size(2), dtype=torch.bool, device=x.device).tril(pos)
+        # SDPA's fused kernels keep the softmax in float32 under bf16/fp16 inputs, as the
+        # reference's explicit upcast does; it also lowers on the Cerebras path.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, w))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.width, 4 * config.width, bias=config.bias)
+        self.down_proj = nn.Linear(4 * config.width, config.width, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.ln_1(x), cache, pos))
+        return x + self.dropout(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.width)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.width)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.ln_f = nn.LayerNorm(config.width, eps=config.layer_norm_eps, bias=config.bias)
+        self.lm_head = nn.Linear(config.width, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied: one tensor, counted once
+        if self.wte.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, init_std) weights, zero biases; residual projections scaled by 1/sqrt(2*depth)."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.depth)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_residual = name.endswith(("attn.out_proj", "mlp.down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+
+    def num_params(self) -> int:
+        """Unique parameters (the tied head counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        caches: list[KVCache] | None = None,
+        pos: int = 0,
+    ) -> torch.Tensor:
+        """Logits of shape (B, T, V), or the mean token cross entropy when ``targets`` is given.
+
+        With ``caches`` (one :class:`KVCache` per block) ``idx`` holds the tokens at positions
+        ``pos .. pos+T-1`` and earlier positions come from the caches.
+        """
+        t = idx.size(1)
+        if pos + t > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {pos + t} tokens exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        positions = torch.arange(pos, pos + t, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(positions))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i], pos)
+        logits = self.lm_head(self.ln_f(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def make_caches(self, batch: int, max_len: int | None = None, dtype=None) -> list[KVCache]:
+        """One empty KV cache per block, on the model's device."""
+        weight = self.wte.weight
+        max_len = max_len or self.config.max_position_embeddings
+        return [
+            KVCache(batch, self.config.heads, max_len, self.config.head_dim, weight.device, dtype or weight.dtype)
+            for _ in range(self.config.depth)
+        ]

@@ -1,0 +1,120 @@
+"""GPTModule: the LightningModule that trains a :class:`~gigagpt.model.GPT`.
+
+It holds the loss, the optimizer description and the metrics; nothing here knows whether it runs
+on a CPU, GPUs under DDP/FSDP or a Cerebras cluster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from gigagpt.model import GPT, GPTConfig
+from gigagpt.optim import OptimConfig, build_torch_optimizer
+
+
+def _as_dataclass(value, cls, what: str):
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        try:
+            return cls.from_dict(value) if hasattr(cls, "from_dict") else cls(**value)
+        except TypeError as err:
+            raise ValueError(f"{what}: {err}") from None
+    raise TypeError(f"{what} must be a {cls.__name__} or a dict, got {type(value).__name__}")
+
+
+class GPTModule(L.LightningModule):
+    """Train a GPT with AdamW, warmup + cosine decay, and token-level metrics.
+
+    Args:
+        config: the network's shape (a :class:`GPTConfig`, or a dict of its fields).
+        optim: optimizer and schedule (an :class:`OptimConfig`, or a dict of its fields).
+        compile: ``torch.compile`` each block (GPU speed; falls back with a message if it fails).
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig | None = None,
+        optim: OptimConfig | None = None,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.config = _as_dataclass(config or GPTConfig.from_name("tiny"), GPTConfig, "model.config")
+        self.optim = _as_dataclass(optim or OptimConfig(), OptimConfig, "model.optim")
+        self.compile = compile
+        # Plain dicts only: a checkpoint then loads with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {"config": asdict(self.config), "optim": asdict(self.optim), "compile": compile}
+        )
+        self.model: GPT | None = None
+        self.val_loss = MeanMetric()
+
+    # -- construction ---------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Build the network here, so strategies can create it on meta or sharded devices."""
+        if self.model is not None:
+            return
+        self.model = GPT(self.config)
+        if self.compile:
+            from gigagpt.speed import compile_blocks
+
+            compile_blocks(self.model)
+
+    def configure_optimizers(self):
+        max_steps = self.trainer.max_steps if self._trainer is not None else None
+        optimizer, scheduler = build_torch_optimizer(self, self.optim, max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- steps ----------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(idx, targets)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        loss = self.model(inputs, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        # The rate this step's optimizer update uses (a float: no device synchronisation).
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
+        # Step count, not a tensor: logging it costs no device synchronisation.
+        tokens = (self.global_step + 1) * inputs.numel() * self.trainer.world_size
+        tokens *= self.trainer.accumulate_grad_batches
+        self.log("train/tokens", float(tokens))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        loss = self.model(inputs, labels)
+        self.val_loss.update(loss, weight=labels.numel())
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss.float()), sync_dist=False)
+
+    def test_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("test/loss", loss)
+        self.log("test/ppl", torch.exp(loss.float()))
+
+    # -- helpers --------------------------------------------------------------------------------
+    @property
+    def tokens_per_step(self) -> int | None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return None
+        return dm.batch_size * dm.sequence_length * self.trainer.world_size
+
+    @staticmethod
+    def perplexity(loss: float) -> float:
+        return math.exp(min(loss, 50.0))

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# gigagpt's two commands, each setting up what it needs on a machine with Python 3.11:
+#   bash run.sh demo   prepare the built-in corpus, train `tiny` on CPU, print a sample
+#   bash run.sh test   the whole test suite, in the core and the cstorch environments
+# Environments (created on first use, refreshed when pyproject.toml changes):
+#   .venv           current torch (TORCH_SPEC, default torch==2.13.0) + gigagpt[dev,hf,plot]
+#   .venv-cerebras  cerebras-pytorch==2.10.0 (pins torch 2.4.0, numpy 1.25) + gigagpt[cerebras,dev]
+# GIGAGPT_SKIP_CSTORCH=1 skips the cstorch environment (its install is about 6 GB).
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3.11}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+CORE_VENV=${GIGAGPT_VENV:-.venv}
+CS_VENV=${GIGAGPT_CS_VENV:-.venv-cerebras}
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off
+
+log() { printf '\033[1m[gigagpt]\033[0m %s\n' "$*" >&2; }
+
+# ensure_venv DIR EXTRAS [PIP ARGS...]: create DIR and install gigagpt[EXTRAS] unless up to date.
+ensure_venv() {
+  local dir=$1 extras=$2; shift 2
+  local stamp="$dir/.gigagpt-stamp" want
+  want="$(cat pyproject.toml "$0" | sha256sum | cut -c1-16) $extras $*"
+  if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]]; then return; fi
+  log "setting up $dir (gigagpt[$extras] $*) ..."
+  [[ -x $dir/bin/python ]] || "$PYTHON" -m venv "$dir"
+  "$dir/bin/python" -m pip install -q --upgrade pip
+  "$dir/bin/python" -m pip install -q "$@" -e ".[$extras]"
+  echo "$want" > "$stamp"
+}
+
+core_env() { ensure_venv "$CORE_VENV" "dev,hf,plot" "$TORCH_SPEC"; }
+cs_env() { ensure_venv "$CS_VENV" "cerebras,dev"; }
+
+demo() {
+  core_env
+  local py="$CORE_VENV/bin/python"
+  log "preparing the built-in corpus (CPython's reference docs) ..."
+  "$py" -m gigagpt prepare --builtin --output data/builtin
+  log "training configs/tiny.yaml on CPU ..."
+  "$py" -m gigagpt fit --config configs/tiny.yaml "$@"
+  log "sampling from the trained model ..."
+  "$py" -m gigagpt sample runs/tiny/checkpoints/last.ckpt --prompt "The for statement" --max-new-tokens 300
+}
+
+tests() {
+  core_env
+  log "core environment: $("$CORE_VENV/bin/python" -c 'import torch, numpy, lightning; print("torch", torch.__version__, "numpy", numpy.__version__, "lightning", lightning.__version__)')"
+  "$CORE_VENV/bin/python" -m pytest tests --ignore=tests/cstorch "$@"
+  if [[ ${GIGAGPT_SKIP_CSTORCH:-0} == 1 ]]; then
+    log "GIGAGPT_SKIP_CSTORCH=1: skipping the cstorch environment"
+    return
+  fi
+  cs_env
+  log "cstorch environment: $("$CS_VENV/bin/python" -c 'import torch, numpy, lightning; print("torch", torch.__version__, "numpy", numpy.__version__, "lightning", lightning.__version__)')"
+  # CSX lowering runs torch-cirh-opt from the environment's bin/.
+  # The whole suite again on torch 2.4 + numpy 1.25, plus the cstorch tests.
+  PATH="$PWD/$CS_VENV/bin:$PATH" "$CS_VENV/bin/python" -m pytest tests "$@"
+}
+
+case "${1:-}" in
+  demo) shift; demo "$@" ;;
+  test) shift; tests "$@" ;;
+  *) echo "usage: bash run.sh demo|test [extra args]" >&2; exit 2 ;;
+esac
