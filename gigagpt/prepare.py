@@ -264,8 +264,8 @@ def main(args: argparse.Namespace) -> dict:
         if not args.output:
             raise SystemExit("gigagpt prepare: --output is required with input files")
         output = args.output
-        tokenizer = get_tokenizer(args.tokenizer or "gpt2")
         files = input_files(args.inputs)
+        tokenizer = get_tokenizer(args.tokenizer or "gpt2")
         docs = file_documents(files)
         total = sum(f.stat().st_size for f in files)
         source = ",".join(str(i) for i in args.inputs)

@@ -1,0 +1,100 @@
+"""The gigagpt command end to end, in fresh processes, on data made by the tests."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+from gigagpt.checkpoint import load_checkpoint, load_gpt
+from gigagpt.module import GPTModule
+
+from conftest import ROOT, run_gigagpt
+
+
+def read_metrics(folder):
+    rows = list(csv.DictReader(open(next(folder.rglob("metrics.csv")))))
+    series = {}
+    for row in rows:
+        for key, value in row.items():
+            if value not in ("", None) and key != "step":
+                series.setdefault(key, []).append((int(row["step"]), float(value)))
+    return series
+
+
+@pytest.fixture(scope="module")
+def tiny_run(builtin_bytes, tmp_path_factory):
+    run = tmp_path_factory.mktemp("tiny_run")
+    proc = run_gigagpt(
+        "fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--data.path={builtin_bytes}",
+        "--trainer.max_steps=80", "--trainer.val_check_interval=40", "--trainer.log_every_n_steps=5",
+        f"--trainer.default_root_dir={run}", f"--checkpoint.dirpath={run}/checkpoints",
+        "--checkpoint.every_n_train_steps=40",
+        f"--trainer.logger=[{{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: '{run}'}}}}]",
+        cwd=run,
+    )
+    return run, proc
+
+
+def test_tiny_fit_loss_falls_and_logs(tiny_run):
+    run, _ = tiny_run
+    m = read_metrics(run)
+    assert {"train/loss", "train/lr", "train/tokens", "val/loss", "val/ppl"} <= set(m)
+    first_train = m["train/loss"][0][1]
+    assert first_train == pytest.approx(math.log(256), rel=0.1)  # starts at chance
+    val = [v for _, v in m["val/loss"]]
+    assert val[-1] < 0.65 * math.log(256)
+    assert m["val/ppl"][-1][1] == pytest.approx(math.exp(val[-1]), rel=1e-4)
+    assert m["train/tokens"][-1][1] == 80 * 16 * 256
+    lrs = dict(m["train/lr"])
+    assert lrs[max(lrs)] < 2e-3  # decaying towards 0.1 x lr by the end
+
+
+def test_checkpoint_rebuilds_the_model(tiny_run):
+    run, _ = tiny_run
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "step0000040.ckpt", "step0000080.ckpt"]
+    ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")  # weights_only=True
+    assert ckpt["hyper_parameters"]["config"]["width"] == 128
+    module = GPTModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
+    gpt = load_gpt(run / "checkpoints" / "last.ckpt")
+    idx = torch.randint(0, 256, (1, 32))
+    torch.testing.assert_close(module.model(idx), gpt(idx))
+    assert gpt.lm_head.weight is gpt.wte.weight
+
+
+def test_config_saved_beside_the_run(tiny_run):
+    run, _ = tiny_run
+    assert list(run.rglob("config.yaml"))
+
+
+def test_111m_starts_training_on_cpu(builtin_gpt2, tmp_path):
+    proc = run_gigagpt(
+        "fit", "--config", str(ROOT / "configs/111m.yaml"), f"--data.path={builtin_gpt2}",
+        "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed",
+        "--data.batch_size=1", "--data.sequence_length=256", "--trainer.limit_val_batches=0",
+        "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--checkpoint.save_last=false",
+        "--checkpoint.every_n_train_steps=0", "--checkpoint.save_top_k=0",
+        f"--trainer.default_root_dir={tmp_path}", cwd=tmp_path,
+    )
+    assert "max_steps=2` reached" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "configs/111m.yaml"], "data.path is still the placeholder '/path/to/openwebtext'"),
+    (["--config", "configs/tiny.yaml", "--data.path=/nonexistent/data"], "data.path '/nonexistent/data' does not exist"),
+])
+def test_bad_data_settings_end_with_one_clear_line(args, message, tmp_path):
+    proc = run_gigagpt("fit", *[a if not a.startswith("configs/") else str(ROOT / a) for a in args],
+                       "--trainer.logger=false", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sequence_longer_than_context_is_refused(builtin_bytes, tmp_path):
+    proc = run_gigagpt("fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--data.path={builtin_bytes}",
+                       "--data.sequence_length=512", "--trainer.logger=false", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "data.sequence_length=512 exceeds the model's max_position_embeddings=256" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,144 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gigagpt.data import (DataConfigError, GPTDataModule, StepSampler, WindowDataset, build_eval_loader,
+                          build_train_loader)
+
+
+def write_tokens(folder, train, val=None, dtype="uint16", meta=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    np.asarray(train, dtype=dtype).tofile(folder / "train.bin")
+    np.asarray(train if val is None else val, dtype=dtype).tofile(folder / "val.bin")
+    if meta is not None:
+        (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_windows_and_labels(tmp_path):
+    write_tokens(tmp_path, np.arange(1000) % 500)
+    ds = WindowDataset(tmp_path / "train.bin", sequence_length=10)
+    assert len(ds) == 99  # (1000 - 1) // 10
+    x, y = ds[3]
+    assert x.tolist() == list(range(30, 40))
+    assert y.tolist() == list(range(31, 41))
+    assert x.dtype == torch.int64
+
+
+def test_batch_k_is_a_pure_function_of_seed_and_k():
+    a = StepSampler(num_windows=100, batch_size=8, seed=7)
+    b = StepSampler(num_windows=100, batch_size=8, seed=7, start_step=5)
+    c = StepSampler(num_windows=100, batch_size=8, seed=8)
+    first = [batch for _, batch in zip(range(30), a)]
+    resumed = [batch for _, batch in zip(range(25), b)]
+    assert resumed == first[5:]
+    assert [batch for _, batch in zip(range(30), c)] != first
+    # 30 batches of 8 = 2.4 passes over 100 windows: each pass is a permutation.
+    flat = [i for batch in first for i in batch]
+    assert sorted(flat[:100]) == list(range(100))
+    assert sorted(flat[100:200]) == list(range(100))
+    assert flat[:100] != flat[100:200]  # a new order each pass
+
+
+def test_ranks_split_the_same_global_batch():
+    one = StepSampler(num_windows=64, batch_size=8, seed=3)
+    ranks = [StepSampler(num_windows=64, batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for step in range(20):
+        assert ranks[0].batch_indices(step) + ranks[1].batch_indices(step) == one.batch_indices(step)
+
+
+def test_train_loader_from_plain_arguments_is_picklable_and_resumable(tmp_path):
+    import pickle
+
+    write_tokens(tmp_path, np.arange(5000) % 300)
+    args = dict(path=str(tmp_path / "train.bin"), sequence_length=16, batch_size=4, seed=1)
+    pickle.dumps((build_train_loader, args))
+    full = [x for _, (x, _) in zip(range(10), build_train_loader(**args))]
+    later = [x for _, (x, _) in zip(range(4), build_train_loader(**args, start_step=6))]
+    for a, b in zip(full[6:], later):
+        assert torch.equal(a, b)
+
+
+def test_eval_loader_is_sequential_and_bounded(tmp_path):
+    write_tokens(tmp_path, np.arange(3000) % 300)
+    loader = build_eval_loader(str(tmp_path / "val.bin"), 10, 4, max_batches=3)
+    batches = list(loader)
+    assert len(batches) == 3
+    assert batches[0][0][0].tolist() == list(range(10))
+
+
+# -- every bad input has a clear error naming the setting ---------------------------------------------
+def setup_dm(path, vocab=None, max_pos=None, **kw):
+    dm = GPTDataModule(path=str(path), **{"sequence_length": 8, "batch_size": 2, **kw})
+    return dm.resolve(vocab, max_pos)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DataConfigError, match="data.path .* does not exist.*gigagpt prepare"):
+        setup_dm(tmp_path / "nope")
+
+
+def test_placeholder_path():
+    with pytest.raises(DataConfigError, match="placeholder"):
+        setup_dm("/path/to/openwebtext")
+
+
+def test_missing_file(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    with pytest.raises(DataConfigError, match="train.bin.* does not exist"):
+        setup_dm(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "train.bin").write_bytes(b"")
+    (tmp_path / "val.bin").write_bytes(b"")
+    with pytest.raises(DataConfigError, match="empty"):
+        setup_dm(tmp_path)
+
+
+def test_odd_sized_file(tmp_path):
+    write_tokens(tmp_path, np.arange(100))
+    (tmp_path / "train.bin").write_bytes((tmp_path / "train.bin").read_bytes() + b"\x01")
+    with pytest.raises(DataConfigError, match="not a multiple of 2"):
+        setup_dm(tmp_path)
+
+
+def test_token_id_beyond_vocab(tmp_path):
+    write_tokens(tmp_path, np.arange(200))
+    with pytest.raises(DataConfigError, match="token id 199 .* vocab_size is 100"):
+        setup_dm(tmp_path, vocab=100)
+    setup_dm(tmp_path, vocab=200)  # fits exactly
+
+
+def test_token_id_beyond_vocab_from_meta(tmp_path):
+    write_tokens(tmp_path, np.arange(200), meta={"dtype": "uint16", "train_max_token_id": 60000,
+                                                 "val_max_token_id": 10})
+    with pytest.raises(DataConfigError, match="60000"):
+        setup_dm(tmp_path, vocab=50257)
+
+
+def test_sequence_length_beyond_context(tmp_path):
+    write_tokens(tmp_path, np.arange(2000))
+    with pytest.raises(DataConfigError, match="data.sequence_length=64 exceeds .*max_position_embeddings=32"):
+        setup_dm(tmp_path, max_pos=32, sequence_length=64)
+
+
+def test_fewer_tokens_than_one_batch(tmp_path):
+    write_tokens(tmp_path, np.arange(40))
+    with pytest.raises(DataConfigError, match="fewer than one batch .*data.batch_size=8"):
+        setup_dm(tmp_path, batch_size=8)
+
+
+def test_fewer_windows_than_a_global_batch_across_ranks(tmp_path):
+    with pytest.raises(DataConfigError, match="global batch"):
+        StepSampler(num_windows=10, batch_size=4, seed=0, world_size=4)
+
+
+def test_uint32_files_via_meta(tmp_path):
+    write_tokens(tmp_path, np.arange(1000) + 70000, dtype="uint32", meta={"dtype": "uint32"})
+    files = setup_dm(tmp_path, vocab=80000)
+    assert files.dtype == "uint32"
+    x, _ = WindowDataset(files.train, 8, "uint32")[0]
+    assert x[0].item() == 70000
