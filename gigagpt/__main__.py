@@ -1,3 +1,3 @@
-from gigagpt.cli import main
+from gigagpt.commands import main
 
 main()
