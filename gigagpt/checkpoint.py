@@ -1,13 +1,136 @@
-"""Reading trained weights back: Lightning checkpoints into a bare :class:`GPT`."""
+r"""Checkpoint files: atomic writes, safe loading, and Lightning checkpoints into a bare :class:`GPT`.
+
+:class:`AtomicCheckpointIO` is the Trainer's checkpoint plugin for plain Lightning (CPU, GPU,
+DDP): it writes to a temporary file beside the target, ``fsync``\ s it, renames it over the target
+and ``fsync``\ s the folder, so a crash at any moment leaves either the previous complete file or
+the new complete file under the checkpoint's name, never a truncated one. It loads with
+``torch.load(weights_only=True)``: tensors and plain data only, no code from the file runs.
+"""
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
 
 from gigagpt.model import GPT, GPTConfig
+
+TMP_SUFFIX = ".tmp"
+
+
+# -- atomic writes ------------------------------------------------------------------------------------
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path_for(path: str | os.PathLike) -> Path:
+    """The temporary name a write of ``path`` goes to first: hidden, never ending in ``.ckpt``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+    """Write ``path`` through ``write(file)`` into a temporary file, fsync, then rename over ``path``.
+
+    Readers see the old file or the complete new one. A crash leaves at most a hidden
+    ``.<name>.<pid>.tmp`` beside it, which the next successful write of the same name removes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    for stale in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):  # left by a crashed writer
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj, path)``, atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO``: atomic, fsynced local writes and ``weights_only`` loading.
+
+    Use it with ``Trainer(plugins=[AtomicCheckpointIO()])`` (the ``gigagpt`` command installs it
+    for every strategy that uses Lightning's default checkpoint plugin). Remote paths (``s3://``
+    and the like) fall back to Lightning's own writer.
+
+    Args:
+        weights_only: what ``torch.load`` may unpickle when the Trainer does not say; ``True``
+            (the default) allows tensors and plain Python data only.
+    """
+
+    def __init__(self, weights_only: bool = True):
+        super().__init__()
+        self.weights_only = weights_only
+
+    def write(self, checkpoint: dict[str, Any], f: io.BufferedWriter) -> None:
+        """Serialise ``checkpoint`` into the open temporary file."""
+        torch.save(checkpoint, f)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        if not isinstance(get_filesystem(path), LocalFileSystem):
+            return super().save_checkpoint(checkpoint, path)
+        atomic_write(path, lambda f: self.write(checkpoint, f))
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        path = str(path)
+        if not get_filesystem(path).exists(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        if weights_only is None:
+            weights_only = self.weights_only
+        return safe_load(path, map_location=map_location or "cpu", weights_only=weights_only)
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = True) -> dict:
+    """``torch.load`` with ``weights_only`` (tensors and plain data only) and clear errors."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {str(path)!r} is empty (a write was interrupted); use an earlier checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        if not weights_only:
+            raise
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds objects other than tensors and plain data, so it is not "
+            f"loaded (weights_only=True): {str(err).splitlines()[0]}\nIf you trust the file, load it with "
+            "AtomicCheckpointIO(weights_only=False)."
+        ) from None
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is unreadable ({err}); it may be truncated or not a "
+            "checkpoint. Use an earlier checkpoint"
+        ) from None
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -28,7 +151,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """``torch.load`` with ``weights_only=True``: tensors and plain data only, no code."""
-    return torch.load(find_checkpoint(path), map_location=map_location, weights_only=True)
+    return safe_load(find_checkpoint(path), map_location=map_location, weights_only=True)
 
 
 def model_state_dict(state_dict: dict, prefix: str = "model.") -> dict:

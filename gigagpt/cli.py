@@ -8,11 +8,20 @@ commands beside it.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from pathlib import Path
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks import NonFiniteGuard, StepSeed, TextSamples, ThroughputMFU
+from accelerators.errors import CerebrasError
+from gigagpt.checkpoint import AtomicCheckpointIO
+
+from gigagpt.commands import EXTRA_COMMANDS, run_extra
 from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.module import GPTModule
 
@@ -30,46 +39,55 @@ class GigaCLI(LightningCLI):
             "checkpoint.save_last": True,
             "checkpoint.save_top_k": -1,
             "checkpoint.every_n_train_steps": 1000,
+            # GPTDataModule shards batches by rank itself (batch k is a function of seed and k).
+            "trainer.use_distributed_sampler": False,
         })
+        # gigagpt's callbacks, each configurable under its own key (e.g. --samples.every_n_steps 0).
+        parser.add_lightning_class_args(StepSeed, "step_seed")
+        parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+        parser.add_lightning_class_args(ThroughputMFU, "throughput")
+        parser.add_lightning_class_args(TextSamples, "samples")
+        parser.add_argument(
+            "--resume", choices=("auto", "never"), default="auto",
+            help="fit: with 'auto' and no --ckpt_path, continue from the last checkpoint in "
+            "checkpoint.dirpath when one exists; 'never' always starts fresh",
+        )
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        # Atomic, fsynced checkpoint files wherever Lightning's default writer would be used.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def before_fit(self) -> None:
+        config = self.config_init["fit"]
+        if config.get("ckpt_path") is not None or config.get("resume", "auto") != "auto":
+            return
+        found = last_checkpoints(self.trainer)
+        if found:
+            rank_zero_info(f"gigagpt: resuming from {max(found, key=lambda p: p.stat().st_mtime)} "
+                           "(--resume never to start fresh)")
+            config["ckpt_path"] = "last"
 
 
-def _extra_commands() -> dict[str, tuple[str, callable, callable]]:
-    """name -> (help, add_arguments, main); imported lazily so `fit` starts fast."""
-    from gigagpt import prepare, sample
-
-    commands = {
-        "prepare": ("tokenize text into train.bin / val.bin", prepare.add_arguments, prepare.main),
-        "sample": ("generate text from a checkpoint", sample.add_arguments, sample.main),
-    }
-    for name, module_name, help_text in (
-        ("export", "gigagpt.export", "convert checkpoints (Lightning .ckpt, Cerebras .mdl, Hugging Face)"),
-        ("plot", "gigagpt.plot", "plot loss and learning rate curves of a run"),
-    ):
-        try:
-            module = __import__(module_name, fromlist=["main"])
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue
-        commands[name] = (help_text, module.add_arguments, module.main)
-    return commands
-
-
-def run_extra(name: str, argv: list[str]) -> None:
-    help_text, add_arguments, main = _extra_commands()[name]
-    parser = argparse.ArgumentParser(prog=f"gigagpt {name}", description=help_text)
-    add_arguments(parser)
-    main(parser.parse_args(argv))
+def last_checkpoints(trainer) -> list[Path]:
+    """``last*.ckpt`` / ``last*.mdl`` files in the ``dirpath`` of the trainer's ModelCheckpoint callbacks."""
+    found = []
+    for callback in trainer.checkpoint_callbacks:
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath and Path(dirpath).is_dir():
+            found += [p for p in Path(dirpath).iterdir()
+                      if p.suffix in (".ckpt", ".mdl") and re.match(r"^last(-v?\d+)?$", p.stem)]
+    return found
 
 
 def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
+    """The LightningCLI (``fit|validate|test|predict``); ``argv=None`` reads ``sys.argv``."""
     args = argv
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("prepare", "sample", "export", "plot"):
-        try:
-            run_extra(argv[0], argv[1:])
-        except (DataConfigError, FileNotFoundError, ValueError) as err:
-            raise SystemExit(f"gigagpt {argv[0]}: error: {err}") from None
+    if argv and argv[0] in EXTRA_COMMANDS:
+        run_extra(argv[0], argv[1:])
         return None
     try:
         return GigaCLI(
@@ -86,10 +104,14 @@ def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
         )
     except DataConfigError as err:
         raise SystemExit(f"gigagpt: data error: {err}") from None
+    except CerebrasError as err:  # missing cerebras-pytorch, no cluster, refused checkpoint: one line
+        raise SystemExit(f"gigagpt: {err}") from None
 
 
 def main() -> None:
-    cli_main()
+    from gigagpt.commands import main as dispatch
+
+    dispatch()
 
 
 if __name__ == "__main__":

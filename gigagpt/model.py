@@ -32,6 +32,8 @@ class GPTConfig:
     bias: bool = True
     init_std: float = 0.02
     layer_norm_eps: float = 1e-5
+    # "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation the public GPT-2 weights use).
+    activation: str = "gelu"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_position_embeddings", "depth", "width", "heads"):
@@ -45,6 +47,10 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.config.dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in ("gelu", "gelu_tanh"):
+            raise ValueError(
+                f"model.config.activation must be 'gelu' or 'gelu_tanh', got {self.activation!r}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -100,6 +106,11 @@ class KVCache(nn.Module):
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = pos + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(
+                f"KV cache holds {self.k.size(2)} positions, cannot write positions {pos}..{end - 1}; "
+                "make the caches with a larger max_len"
+            )
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -126,9 +137,11 @@ class CausalSelfAttention(nn.Module):
             is_causal, mask = True, None
         else:
             k, v = cache.update(pos, k, v)
-            # A new chunk of t queries sees every cached key plus the causal part of its own.
-            is_causal = False
-            mask = None if t == 1 else torch.ones(t, k.size(2), dtype=torch.bool, device=x.device).tril(pos)
+            # A new chunk of t queries sees every cached key plus the causal part of its own
+            # (at pos 0 that is plain causal attention, which keeps SDPA's fused kernels).
+            is_causal, mask = pos == 0 and t > 1, None
+            if pos > 0 and t > 1:
+                mask = torch.ones(t, k.size(2), dtype=torch.bool, device=x.device).tril(pos)
         # SDPA's fused kernels keep the softmax in float32 under bf16/fp16 inputs, as the
         # reference's explicit upcast does; it also lowers on the Cerebras path.
         y = F.scaled_dot_product_attention(
@@ -143,9 +156,10 @@ class MLP(nn.Module):
         super().__init__()
         self.up_proj = nn.Linear(config.width, 4 * config.width, bias=config.bias)
         self.down_proj = nn.Linear(4 * config.width, config.width, bias=config.bias)
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.up_proj(x)))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
@@ -177,11 +191,15 @@ class GPT(nn.Module):
             self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """normal(0, init_std) weights, zero biases; residual projections scaled by 1/sqrt(2*depth)."""
+    def init_weights(self, part: nn.Module | None = None) -> None:
+        """normal(0, init_std) weights, zero biases; residual projections scaled by 1/sqrt(2*depth).
+
+        ``part`` (a submodule, e.g. one block) initialises only that piece, for building a model
+        one piece at a time from the meta device (see :func:`gigagpt.speed.build_for_fsdp`).
+        """
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.depth)
-        for name, module in self.named_modules():
+        for name, module in (self if part is None else part).named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_residual = name.endswith(("attn.out_proj", "mlp.down_proj"))
                 nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
@@ -201,11 +219,13 @@ class GPT(nn.Module):
         *,
         caches: list[KVCache] | None = None,
         pos: int = 0,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Logits of shape (B, T, V), or the mean token cross entropy when ``targets`` is given.
 
         With ``caches`` (one :class:`KVCache` per block) ``idx`` holds the tokens at positions
-        ``pos .. pos+T-1`` and earlier positions come from the caches.
+        ``pos .. pos+T-1`` and earlier positions come from the caches. ``last_only`` returns the
+        logits of the last position only, shape (B, 1, V).
         """
         t = idx.size(1)
         if pos + t > self.config.max_position_embeddings:
@@ -217,6 +237,8 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(positions))
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], pos)
+        if last_only:  # generation needs the next-token logits only: skip the rest of the head
+            x = x[:, -1:]
         logits = self.lm_head(self.ln_f(x))
         if targets is None:
             return logits

@@ -132,7 +132,7 @@ def prepare(
     val_fraction: float = 0.0005,
     seed: int = 2357,
     num_threads: int | None = None,
-    batch_bytes: int = 4 << 20,
+    batch_bytes: int = 1 << 20,
     total_bytes: int | None = None,
     progress: bool = True,
     source: str = "",

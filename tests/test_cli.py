@@ -73,8 +73,7 @@ def test_111m_starts_training_on_cpu(builtin_gpt2, tmp_path):
         "fit", "--config", str(ROOT / "configs/111m.yaml"), f"--data.path={builtin_gpt2}",
         "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed",
         "--data.batch_size=1", "--data.sequence_length=256", "--trainer.limit_val_batches=0",
-        "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--checkpoint.save_last=false",
-        "--checkpoint.every_n_train_steps=0", "--checkpoint.save_top_k=0",
+        "--trainer.logger=false", f"--checkpoint.dirpath={tmp_path}/ckpt", "--samples.every_n_steps=0",
         f"--trainer.default_root_dir={tmp_path}", cwd=tmp_path,
     )
     assert "max_steps=2` reached" in proc.stdout + proc.stderr

@@ -1,0 +1,150 @@
+"""``gigagpt plot <run dir>``: train/val loss and learning rate against steps (and tokens), as a PNG.
+
+Reads every ``metrics.csv`` that Lightning's CSVLogger wrote under the run folder. A resumed run
+writes a new ``version_N`` folder; the versions are merged in order and, where two hold the same
+step, the later one wins, so the picture shows one continuous run. matplotlib is an optional
+extra: ``pip install 'gigagpt[plot]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERIES = ("train/loss", "val/loss", "train/lr", "train/tokens")
+
+
+@dataclass
+class Curves:
+    """``name -> {step: value}`` for the series of :data:`SERIES` found in a run."""
+
+    values: dict[str, dict[int, float]] = field(default_factory=lambda: {name: {} for name in SERIES})
+    sources: list[Path] = field(default_factory=list)
+
+    def series(self, name: str) -> tuple[list[int], list[float]]:
+        points = sorted(self.values.get(name, {}).items())
+        return [s for s, _ in points], [v for _, v in points]
+
+
+def _version_key(path: Path) -> tuple:
+    match = re.search(r"version_(\d+)", str(path))
+    return (int(match.group(1)) if match else -1, path.stat().st_mtime, str(path))
+
+
+def find_metric_files(run_dir: str | os.PathLike) -> list[Path]:
+    run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.suffix == ".csv":
+        return [run_dir]
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {str(run_dir)!r} does not exist")
+    files = sorted(run_dir.rglob("metrics.csv"), key=_version_key)
+    if not files:
+        raise FileNotFoundError(
+            f"no metrics.csv under {str(run_dir)!r}; train with a CSVLogger "
+            "(configs/tiny.yaml has one: trainer.logger lightning.pytorch.loggers.CSVLogger)"
+        )
+    return files
+
+
+def read_curves(run_dir: str | os.PathLike) -> Curves:
+    curves = Curves()
+    for path in find_metric_files(run_dir):
+        curves.sources.append(path)
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                step = row.get("step")
+                if not step:
+                    continue
+                for name in SERIES:
+                    value = row.get(name)
+                    if value not in (None, ""):
+                        number = float(value)
+                        if math.isfinite(number):
+                            curves.values[name][int(float(step))] = number
+    if not curves.values["train/loss"] and not curves.values["val/loss"]:
+        raise ValueError(f"the metrics under {str(run_dir)!r} hold no train/loss or val/loss values yet")
+    return curves
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise RuntimeError(
+            "gigagpt plot needs matplotlib: pip install 'gigagpt[plot]' (or pip install matplotlib)"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, title: str | None = None,
+         log_y: bool = False) -> Path:
+    """Write the loss / learning-rate figure of ``run_dir`` to ``output`` (default ``<run_dir>/loss.png``)."""
+    curves = read_curves(run_dir)
+    plt = _pyplot()
+    run_dir = Path(run_dir)
+    output = Path(output) if output else (run_dir if run_dir.is_dir() else run_dir.parent) / "loss.png"
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True,
+                                         gridspec_kw={"height_ratios": [3, 1.3]})
+    steps, loss = curves.series("train/loss")
+    if steps:
+        ax_loss.plot(steps, loss, color="tab:blue", linewidth=1.0, alpha=0.85, label="train")
+    vsteps, vloss = curves.series("val/loss")
+    if vsteps:
+        ax_loss.plot(vsteps, vloss, color="tab:orange", marker="o", markersize=3.5, linewidth=1.5, label="val")
+        best = min(range(len(vloss)), key=vloss.__getitem__)
+        ax_loss.annotate(f"best val {vloss[best]:.3f} @ {vsteps[best]}", (vsteps[best], vloss[best]),
+                         textcoords="offset points", xytext=(0, 10), ha="center", fontsize=8)
+    ax_loss.set_ylabel("loss (nats / token)")
+    if log_y:
+        ax_loss.set_yscale("log")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(loc="upper right")
+    ax_loss.set_title(title or f"{run_dir.resolve().name}")
+
+    tsteps, tokens = curves.series("train/tokens")
+    if len(tsteps) >= 2 and tsteps[-1] > tsteps[0]:
+        # tokens grow linearly with steps: a secondary axis converts one into the other
+        per_step = (tokens[-1] - tokens[0]) / (tsteps[-1] - tsteps[0])
+        offset = tokens[0] - per_step * tsteps[0]
+        top = ax_loss.secondary_xaxis("top", functions=(lambda s: s * per_step + offset,
+                                                         lambda t: (t - offset) / per_step))
+        top.set_xlabel("tokens")
+
+    lsteps, lr = curves.series("train/lr")
+    if lsteps:
+        ax_lr.plot(lsteps, lr, color="tab:green", linewidth=1.2)
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, output)
+    return output
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run folder (e.g. runs/tiny) or one metrics.csv")
+    parser.add_argument("--output", "-o", default=None, help="PNG to write (default: <run_dir>/loss.png)")
+    parser.add_argument("--title", default=None)
+    parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
+
+
+def main(args: argparse.Namespace) -> Path:
+    path = plot(args.run_dir, args.output, args.title, args.log_y)
+    curves_from = ", ".join(str(p) for p in find_metric_files(args.run_dir))
+    print(f"wrote {path} (from {curves_from})")
+    return path

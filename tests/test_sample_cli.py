@@ -1,0 +1,187 @@
+"""`gigagpt sample` from Lightning / Hugging Face checkpoints, and `gigagpt validate|test` metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gigagpt.cli import cli_main
+from gigagpt.convert import load_model
+from gigagpt.data import WindowDataset
+from gigagpt.generate import generate
+from gigagpt.tokenizer import bytes_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+SEQ, BATCH = 64, 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def trainer_args(data: Path, root: Path) -> list[str]:
+    return [
+        "--config",
+        TINY,
+        "--data.path",
+        str(data),
+        "--data.sequence_length",
+        str(SEQ),
+        "--data.batch_size",
+        str(BATCH),
+        "--data.val_batches",
+        "2",
+        "--trainer.logger",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+        "--checkpoint.dirpath",
+        str(root / "checkpoints"),
+        "--trainer.enable_model_summary",
+        "false",
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(builtin_bytes, tmp_path_factory) -> Path:
+    """A checkpoint written by `gigagpt fit` itself (3 steps of configs/tiny.yaml)."""
+    root = tmp_path_factory.mktemp("sample_run")
+    cli_main(
+        [
+            "fit",
+            *trainer_args(builtin_bytes, root),
+            "--trainer.max_steps",
+            "3",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.limit_val_batches",
+            "1",
+        ]
+    )
+    ckpt = root / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    return ckpt
+
+
+def sample(capsys, *args: str) -> tuple[str, str]:
+    cli_main(["sample", *map(str, args)])
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def test_greedy_sample_equals_generate(trained, capsys):
+    out, _ = sample(
+        capsys,
+        trained,
+        "--prompt",
+        "The for",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+        "--ignore-eot",
+        "--device",
+        "cpu",
+    )
+    model = load_model(trained)
+    tok = bytes_tokenizer()
+    expected = generate(model, torch.tensor([tok.encode("The for")]), 24, temperature=0.0)[0, 7:]
+    assert out == "The for" + tok.decode(expected.tolist()) + "\n"
+
+
+def test_seeded_sampling_is_reproducible(trained, capsys):
+    args = [trained, "--prompt", "x = ", "--max-new-tokens", "40", "--temperature", "1.0", "--device", "cpu"]
+    first, _ = sample(capsys, *args, "--seed", "5")
+    again, _ = sample(capsys, *args, "--seed", "5")
+    other, _ = sample(capsys, *args, "--seed", "6")
+    uncached, _ = sample(capsys, *args, "--seed", "5", "--no-cache")
+    assert first == again == uncached and first.startswith("x = ")
+    assert other != first
+
+
+def test_hf_folder_samples_like_the_checkpoint(trained, tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    cli_main(["export", str(trained), str(tmp_path / "hf")])
+    capsys.readouterr()
+    args = ["--prompt", "def ", "--max-new-tokens", "30", "--top-p", "0.9", "--seed", "3", "--device", "cpu"]
+    from_ckpt, _ = sample(capsys, trained, *args)
+    from_hf, _ = sample(capsys, tmp_path / "hf", *args)
+    assert from_ckpt == from_hf
+
+
+def test_batched_prompts_and_prompt_file(trained, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("import os\n")
+    out, _ = sample(
+        capsys,
+        trained,
+        "--prompt",
+        "A",
+        "--prompt-file",
+        tmp_path / "p.txt",
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "10",
+        "--device",
+        "cpu",
+    )
+    assert out.count("----- sample ") == 4
+    assert out.count("\nimport os\n") == 2 and out.count("-----\nA") == 2
+
+
+def test_long_prompt_is_cropped_with_a_warning(trained, capsys):
+    out, err = sample(
+        capsys,
+        trained,
+        "--prompt",
+        "y" * 300,
+        "--max-new-tokens",
+        "5",
+        "--device",
+        "cpu",
+        "--dtype",
+        "bfloat16",
+    )
+    assert "300 tokens, more than the model's context of 256; keeping its last 256 tokens" in err
+    assert out.startswith("y" * 300)
+
+
+def test_bad_settings_are_clear_errors(trained, capsys):
+    with pytest.raises(SystemExit, match="temperature must be >= 0"):
+        sample(capsys, trained, "--prompt", "a", "--temperature", "-1")
+    with pytest.raises(SystemExit, match="prompt-file"):
+        sample(capsys, trained, "--prompt-file", "/nonexistent/prompt.txt")
+    with pytest.raises(SystemExit, match="does not exist"):
+        sample(capsys, "/nonexistent/model.ckpt", "--prompt", "a")
+
+
+def _expected_val_loss(model, val_bin: Path, batches: int) -> float:
+    data = WindowDataset(val_bin, SEQ)
+    losses = []
+    with torch.no_grad():
+        for i in range(batches * BATCH):
+            x, y = data[i]
+            losses.append(float(model(x[None].long(), y[None].long())))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("command", ["validate", "test"])
+def test_validate_and_test_report_loss_and_perplexity(trained, builtin_bytes, tmp_path, capsys, command):
+    cli = cli_main([command, *trainer_args(builtin_bytes, tmp_path), "--ckpt_path", str(trained)], run=True)
+    out = capsys.readouterr().out
+    prefix = "val" if command == "validate" else "test"
+    assert f"{prefix}/loss" in out and f"{prefix}/ppl" in out
+    metrics = cli.trainer.callback_metrics
+    loss, ppl = float(metrics[f"{prefix}/loss"]), float(metrics[f"{prefix}/ppl"])
+    assert loss == pytest.approx(
+        _expected_val_loss(load_model(trained), builtin_bytes / "val.bin", 2), rel=1e-5
+    )
+    assert ppl == pytest.approx(math.exp(loss), rel=1e-5)
