@@ -54,8 +54,12 @@ tests() {
   cs_env
   log "cstorch environment: $("$CS_VENV/bin/python" -c 'import torch, numpy, lightning; print("torch", torch.__version__, "numpy", numpy.__version__, "lightning", lightning.__version__)')"
   # CSX lowering runs torch-cirh-opt from the environment's bin/.
-  # The whole suite again on torch 2.4 + numpy 1.25, plus the cstorch tests.
+  # The whole suite again on torch 2.4 + numpy 1.25, plus the cstorch tests; then CSX lowering of
+  # every shipped size at T=2048, 175b included (validate_only, lazy initialisation: ~7 minutes).
   PATH="$PWD/$CS_VENV/bin:$PATH" "$CS_VENV/bin/python" -m pytest tests "$@"
+  if [[ ${GIGAGPT_SKIP_CSX_SIZES:-0} != 1 ]]; then
+    GIGAGPT_CSX_SIZES=1 PATH="$PWD/$CS_VENV/bin:$PATH" "$CS_VENV/bin/python" -m pytest tests/cstorch/test_csx_sizes.py "$@"
+  fi
 }
 
 case "${1:-}" in

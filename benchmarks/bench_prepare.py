@@ -56,12 +56,12 @@ def raw_tiktoken(files: list[Path], threads: int, limit_bytes: int) -> float:
             size += len(texts[-1].encode())
         if size >= limit_bytes:
             break
-    # Same batching as prepare: ~4 MB of documents per call.
+    # Same batching as prepare: ~1 MB of documents per call.
     batches, batch, acc = [], [], 0
     for t in texts:
         batch.append(t)
         acc += len(t)
-        if acc >= 4 << 20:
+        if acc >= 1 << 20:
             batches.append(batch)
             batch, acc = [], 0
     if batch:

@@ -17,8 +17,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from callbacks import NonFiniteGuard, StepSeed, TextSamples, ThroughputMFU
 from accelerators.errors import CerebrasError
+from callbacks import NonFiniteGuard, StepSeed, TextSamples, ThroughputMFU
 from gigagpt.checkpoint import AtomicCheckpointIO
 
 from gigagpt.commands import EXTRA_COMMANDS, run_extra

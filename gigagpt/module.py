@@ -7,7 +7,7 @@ on a CPU, GPUs under DDP/FSDP or a Cerebras cluster.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
@@ -59,15 +59,51 @@ class GPTModule(L.LightningModule):
         """Build the network here, so strategies can create it on meta or sharded devices."""
         if self.model is not None:
             return
+        device = self._fsdp_device()
+        if device is not None:
+            # Each block is sharded as soon as it exists: 13B+ never materialise in full.
+            from gigagpt.speed import build_for_fsdp, check_fsdp_strategy
+
+            check_fsdp_strategy(self.trainer.strategy)
+            self.model = build_for_fsdp(self.config, device, compile=self.compile)
+            return
         self.model = GPT(self.config)
         if self.compile:
             from gigagpt.speed import compile_blocks
 
             compile_blocks(self.model)
 
+    def _fsdp_device(self) -> torch.device | None:
+        """The device to build on when training under Lightning's FSDPStrategy, else ``None``."""
+        if self._trainer is None:
+            return None
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        return strategy.root_device if isinstance(strategy, FSDPStrategy) else None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip by global norm under FSDP too, through FSDP's own sharded-norm ``clip_grad_norm_``.
+
+        (Lightning's FSDP precision plugin refuses ``gradient_clip_algorithm='norm'``.)
+        """
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._fsdp_device() is not None:
+            self.model.clip_grad_norm_(gradient_clip_val)  # the root FSDP module
+            return
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and optimizer.defaults.get("fused"):
+            # Lightning's AMP plugin refuses to clip for fused optimizers (they may unscale fp16
+            # gradients themselves). bf16 has no loss scaling and fp16 never gets a fused AdamW
+            # (configure_optimizers), so the gradients here are true gradients.
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         max_steps = self.trainer.max_steps if self._trainer is not None else None
-        optimizer, scheduler = build_torch_optimizer(self, self.optim, max_steps)
+        optim = self.optim
+        if self._trainer is not None and str(self.trainer.precision).startswith("16"):
+            optim = replace(optim, fused=False)  # fp16 loss scaling: let Lightning unscale, then clip
+        optimizer, scheduler = build_torch_optimizer(self, optim, max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- steps ----------------------------------------------------------------------------------
@@ -78,12 +114,15 @@ class GPTModule(L.LightningModule):
         inputs, labels = batch
         loss = self.model(inputs, labels)
         self.log("train/loss", loss, prog_bar=True)
-        # The rate this step's optimizer update uses (a float: no device synchronisation).
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=True)
-        # Step count, not a tensor: logging it costs no device synchronisation.
+        # Host numbers go in as host tensors: self.log would copy a Python float to the device,
+        # and that copy waits for the queued GPU work (a synchronisation every step).
+        lr = self.optimizers().param_groups[0]["lr"]
+        # Schedulers that run on the device (cstorch) keep the rate as a device tensor: log it as is.
+        lr = lr.detach() if torch.is_tensor(lr) else torch.tensor(float(lr), dtype=torch.float64)
+        self.log("train/lr", lr, prog_bar=True)
         tokens = (self.global_step + 1) * inputs.numel() * self.trainer.world_size
         tokens *= self.trainer.accumulate_grad_batches
-        self.log("train/tokens", float(tokens))
+        self.log("train/tokens", torch.tensor(float(tokens), dtype=torch.float64))
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -118,3 +157,7 @@ class GPTModule(L.LightningModule):
     @staticmethod
     def perplexity(loss: float) -> float:
         return math.exp(min(loss, 50.0))
+
+
+# Registers Trainer(accelerator="cerebras") with Lightning (cstorch loads only when used).
+import accelerators  # noqa: E402,F401

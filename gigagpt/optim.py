@@ -76,13 +76,21 @@ def get_lr(step: int, lr: float, warmup_steps: int, decay_steps: int, min_lr: fl
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed (dim >= 2) and not decayed (biases, LayerNorm), each tensor once."""
+    """Two AdamW groups: decayed (dim >= 2) and not decayed (biases, LayerNorm), each tensor once.
+
+    A parameter sharded by FSDP is a flat view of its shard, so the weights of linear and
+    embedding layers count as matrices whatever their current shape.
+    """
+    matrices = {
+        id(module.weight) for module in model.modules()
+        if isinstance(module, (nn.Linear, nn.Embedding)) and isinstance(module.weight, nn.Parameter)
+    }
     decay, no_decay, seen = [], [], set()
     for param in model.parameters():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        (decay if param.dim() >= 2 else no_decay).append(param)
+        (decay if param.dim() >= 2 or id(param) in matrices else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -1,0 +1,88 @@
+"""Registration and pairing of the Cerebras accelerator and strategy (no backend is created here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.strategies import StrategyRegistry
+
+import gigagpt  # noqa: F401  (registers "cerebras")
+
+pytest.importorskip("cerebras.pytorch")
+
+from accelerators import CerebrasAccelerator, CerebrasError, CerebrasPrecision, CerebrasStrategy
+
+
+def trainer(**kw) -> L.Trainer:
+    return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, **kw)
+
+
+def test_registered_names():
+    assert "cerebras" in AcceleratorRegistry
+    for name in ("cerebras", "cerebras_csx", "cerebras_cpu", "cerebras_gpu", "cerebras_validate"):
+        assert name in StrategyRegistry
+
+
+def test_accelerator_alone_picks_the_cerebras_strategy():
+    t = trainer(accelerator="cerebras")
+    assert isinstance(t.strategy, CerebrasStrategy) and t.strategy.backend_type == "CSX"
+    assert isinstance(t.accelerator, CerebrasAccelerator)
+
+
+@pytest.mark.parametrize("strategy,backend", [("cerebras_cpu", "CPU"), ("cerebras_gpu", "GPU"),
+                                              (CerebrasStrategy(backend="CPU"), "CPU")])
+def test_strategy_alone_picks_the_cerebras_accelerator(strategy, backend):
+    t = trainer(strategy=strategy)
+    assert isinstance(t.accelerator, CerebrasAccelerator)
+    assert t.strategy.backend_type == backend
+
+
+def test_mismatched_pairs_are_clear_errors():
+    with pytest.raises(CerebrasError, match='accelerator="cerebras"'):
+        trainer(accelerator="cpu", strategy="cerebras_cpu")
+    with pytest.raises(CerebrasError, match="Cerebras strategy"):
+        trainer(accelerator="cerebras", strategy="ddp")
+
+
+def test_precision_maps_onto_cstorch_amp():
+    t = trainer(strategy="cerebras_cpu", precision="bf16-mixed")
+    assert isinstance(t.precision_plugin, CerebrasPrecision) and t.precision_plugin.precision == "bf16-mixed"
+    with pytest.raises(ValueError, match="32-true"):
+        trainer(strategy="cerebras_cpu", precision="16-true")
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="backend"):
+        CerebrasStrategy(backend="TPU")
+    with pytest.raises(ValueError, match="CSX"):
+        CerebrasStrategy(backend="CPU", validate_only=True)
+    with pytest.raises(ValueError, match="devices"):
+        trainer(accelerator="cerebras", devices=4)
+
+
+@pytest.mark.parametrize("size,num_csx", [("111m", 1), ("1p3b", 1), ("13b", 4), ("70b", 8), ("175b", 16)])
+def test_cerebras_configs_compose_with_the_plain_ones(size, num_csx, tmp_path, monkeypatch):
+    from gigagpt.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    root = Path(__file__).resolve().parents[2] / "configs"
+    base = ["--config", str(root / f"{size}.yaml"), "--config", str(root / "cerebras" / f"{size}.yaml")]
+    cli = cli_main(base, run=False)
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, CerebrasStrategy) and isinstance(cli.trainer.accelerator, CerebrasAccelerator)
+    assert strategy.backend_type == "CSX" and strategy.cluster.num_csx == num_csx
+    assert cli.trainer.precision_plugin.precision == "bf16-mixed"
+    plain = cli_main(["--config", str(root / f"{size}.yaml")], run=False)
+    assert cli.model.config == plain.model.config and cli.model.optim == plain.model.optim
+    assert cli.datamodule.batch_size == plain.datamodule.batch_size
+    assert cli.trainer.max_steps == plain.trainer.max_steps
+    # scaling to 16 systems is one setting; a cluster file adds to the strategy without repeating it
+    scaled = cli_main([*base, "--config", str(root / "cerebras" / "cluster.yaml"),
+                       "--trainer.strategy.init_args.cluster.num_csx", "16",
+                       "--trainer.strategy.init_args.cluster.mgmt_address", "cluster.example:9000"], run=False)
+    assert scaled.trainer.strategy.cluster.num_csx == 16
+    assert scaled.trainer.strategy.cluster.mgmt_address == "cluster.example:9000"
+    assert scaled.trainer.strategy.micro_batch_size == "auto"
