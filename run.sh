@@ -8,7 +8,7 @@
 # GIGAGPT_SKIP_CSTORCH=1 skips the cstorch environment (its install is about 6 GB).
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python3.11}
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 CORE_VENV=${GIGAGPT_VENV:-.venv}
 CS_VENV=${GIGAGPT_CS_VENV:-.venv-cerebras}
@@ -24,8 +24,13 @@ ensure_venv() {
   if [[ -f $stamp && "$(cat "$stamp")" == "$want" ]]; then return; fi
   log "setting up $dir (gigagpt[$extras] $*) ..."
   [[ -x $dir/bin/python ]] || "$PYTHON" -m venv "$dir"
-  "$dir/bin/python" -m pip install -q --upgrade pip
-  "$dir/bin/python" -m pip install -q "$@" -e ".[$extras]"
+  local logfile="$dir/install.log"
+  if ! { "$dir/bin/python" -m pip install -q --upgrade pip && "$dir/bin/python" -m pip install -q "$@" -e ".[$extras]"; } \
+      > "$logfile" 2>&1; then
+    grep -v "^WARNING: Location" "$logfile" | tail -40 >&2
+    log "installing into $dir failed (full log: $logfile)"
+    exit 1
+  fi
   echo "$want" > "$stamp"
 }
 
@@ -46,6 +51,7 @@ demo() {
 tests() {
   core_env
   log "core environment: $("$CORE_VENV/bin/python" -c 'import torch, numpy, lightning; print("torch", torch.__version__, "numpy", numpy.__version__, "lightning", lightning.__version__)')"
+  "$CORE_VENV/bin/python" -m ruff check gigagpt accelerators callbacks tests benchmarks
   "$CORE_VENV/bin/python" -m pytest tests --ignore=tests/cstorch "$@"
   if [[ ${GIGAGPT_SKIP_CSTORCH:-0} == 1 ]]; then
     log "GIGAGPT_SKIP_CSTORCH=1: skipping the cstorch environment"

@@ -7,7 +7,6 @@ commands beside it.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -20,7 +19,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from accelerators.errors import CerebrasError
 from callbacks import NonFiniteGuard, StepSeed, TextSamples, ThroughputMFU
 from gigagpt.checkpoint import AtomicCheckpointIO
-
 from gigagpt.commands import EXTRA_COMMANDS, run_extra
 from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.module import GPTModule

@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
+from conftest import ROOT, run_gigagpt
 
 from gigagpt.checkpoint import load_checkpoint, load_gpt
 from gigagpt.module import GPTModule
-
-from conftest import ROOT, run_gigagpt
 
 
 def read_metrics(folder):

@@ -4,12 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
+from test_model import REFERENCE_PARAMS
 
 from gigagpt.cli import cli_main
 from gigagpt.model import GPTConfig
-
-from conftest import ROOT
-from test_model import REFERENCE_PARAMS
 
 TOP_LEVEL = sorted((ROOT / "configs").glob("*.yaml"))
 

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from gigagpt.data import (DataConfigError, GPTDataModule, StepSampler, WindowDataset, build_eval_loader,
-                          build_train_loader)
+from gigagpt.data import (
+    DataConfigError,
+    GPTDataModule,
+    StepSampler,
+    WindowDataset,
+    build_eval_loader,
+    build_train_loader,
+)
 
 
 def write_tokens(folder, train, val=None, dtype="uint16", meta=None):

@@ -134,7 +134,6 @@ def test_ddp_two_ranks_match_one_rank_with_same_global_batch(data_dir, single, t
 
 
 def test_fsdp_two_ranks_match_one_rank(data_dir, single, tmp_path):
-    from torch.distributed.fsdp import FullyShardedDataParallel
 
     result = _run_ranks(data_dir, tmp_path / "fsdp.json", "fsdp", batch_size=2)
     assert result["world_size"] == 2

@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from gigagpt.model import GPT, GPTConfig
 from gigagpt.optim import OptimConfig, build_torch_optimizer, get_lr, param_groups

@@ -2,11 +2,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import GPT2_TIKTOKEN, run_gigagpt
 
 from gigagpt.prepare import builtin_documents, file_documents, input_files, prepare, token_dtype
 from gigagpt.tokenizer import GPT2_EOT, bytes_tokenizer, get_tokenizer, gpt2_from_file
-
-from conftest import GPT2_TIKTOKEN, run_gigagpt
 
 
 def test_gpt2_from_local_file_reproduces_gpt2_ids():
@@ -67,7 +66,7 @@ def test_split_is_deterministic_and_seeded(tmp_path):
     docs = [(f"document {i} " * 20, 200) for i in range(200)]
     a = prepare(iter(docs), tmp_path / "a", bytes_tokenizer(), val_fraction=0.2, seed=1, progress=False)
     b = prepare(iter(docs), tmp_path / "b", bytes_tokenizer(), val_fraction=0.2, seed=1, progress=False)
-    c = prepare(iter(docs), tmp_path / "c", bytes_tokenizer(), val_fraction=0.2, seed=2, progress=False)
+    prepare(iter(docs), tmp_path / "c", bytes_tokenizer(), val_fraction=0.2, seed=2, progress=False)
     assert (tmp_path / "a/val.bin").read_bytes() == (tmp_path / "b/val.bin").read_bytes()
     assert (tmp_path / "a/val.bin").read_bytes() != (tmp_path / "c/val.bin").read_bytes()
     assert 20 < a["val_documents"] < 60 and a["train_documents"] + a["val_documents"] == 200
