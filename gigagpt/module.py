@@ -6,7 +6,6 @@ on a CPU, GPUs under DDP/FSDP or a Cerebras cluster.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, replace
 
 import lightning as L
@@ -132,31 +131,20 @@ class GPTModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(loss.float()), sync_dist=False)
+        self._log_eval("val")
 
     def test_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, prefix: str) -> None:
+        # The metric already reduces across ranks (token-weighted mean), so no sync_dist here.
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("test/loss", loss)
-        self.log("test/ppl", torch.exp(loss.float()))
-
-    # -- helpers --------------------------------------------------------------------------------
-    @property
-    def tokens_per_step(self) -> int | None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is None:
-            return None
-        return dm.batch_size * dm.sequence_length * self.trainer.world_size
-
-    @staticmethod
-    def perplexity(loss: float) -> float:
-        return math.exp(min(loss, 50.0))
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
+        self.log(f"{prefix}/ppl", torch.exp(loss.float()))
 
 
 # Registers Trainer(accelerator="cerebras") with Lightning (cstorch loads only when used).

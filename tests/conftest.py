@@ -19,6 +19,15 @@ GPT2_TIKTOKEN = ROOT / "tests" / "data" / "gpt2.tiktoken"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Step-by-step decoding of tiny models: one thread avoids oversubscribing shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _docs():
     return ((d, len(d.encode("utf-8"))) for d in builtin_documents())
 

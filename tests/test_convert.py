@@ -24,12 +24,7 @@ from gigagpt.model import GPT, GPTConfig
 ODD = GPTConfig(vocab_size=1000, max_position_embeddings=64, depth=3, width=96, heads=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_gpt(config: GPTConfig = ODD, seed: int = 0) -> GPT:

@@ -11,13 +11,7 @@ from gigagpt.model import GPT, GPTConfig
 CONTEXT = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Step-by-step decoding of tiny models: one thread avoids oversubscribing shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 SEQ, BATCH = 64, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trainer_args(data: Path, root: Path) -> list[str]:
