@@ -95,6 +95,7 @@ def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
             run=run,
             trainer_defaults={"callbacks": [RichProgressBar()]},
             parser_kwargs={
+                "prog": "gigagpt",
                 "description": "Train GPT models with Lightning. Other commands: "
                 "gigagpt prepare | sample | export | plot (each with --help).",
             },
