@@ -118,7 +118,7 @@ class GPTModule(L.LightningModule):
         lr = self.optimizers().param_groups[0]["lr"]
         # Schedulers that run on the device (cstorch) keep the rate as a device tensor: log it as is.
         lr = lr.detach() if torch.is_tensor(lr) else torch.tensor(float(lr), dtype=torch.float64)
-        self.log("train/lr", lr, prog_bar=True)
+        self.log("train/lr", lr)  # to the loggers; the bar would round it to 0.000
         tokens = (self.global_step + 1) * inputs.numel() * self.trainer.world_size
         tokens *= self.trainer.accumulate_grad_batches
         self.log("train/tokens", torch.tensor(float(tokens), dtype=torch.float64))
