@@ -86,15 +86,16 @@ class GPTModule(L.LightningModule):
 
         (Lightning's FSDP precision plugin refuses ``gradient_clip_algorithm='norm'``.)
         """
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and self._fsdp_device() is not None:
-            self.model.clip_grad_norm_(gradient_clip_val)  # the root FSDP module
-            return
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and optimizer.defaults.get("fused"):
-            # Lightning's AMP plugin refuses to clip for fused optimizers (they may unscale fp16
-            # gradients themselves). bf16 has no loss scaling and fp16 never gets a fused AdamW
-            # (configure_optimizers), so the gradients here are true gradients.
-            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
-            return
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            if self._fsdp_device() is not None:
+                self.model.clip_grad_norm_(gradient_clip_val)  # the root FSDP module
+                return
+            if optimizer.defaults.get("fused"):
+                # Lightning's AMP plugin refuses to clip for fused optimizers (they may unscale fp16
+                # gradients themselves). bf16 has no loss scaling and fp16 never gets a fused AdamW
+                # (configure_optimizers), so the gradients here are true gradients.
+                torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+                return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
