@@ -8,9 +8,9 @@ on a CPU the peak is a measured matrix multiply, not a datasheet number).
 
     # CPU, fp32 vs bf16 autocast, loss curves compared (a few minutes on 2 cores)
     python benchmarks/bench_train.py
-    # one GPU, 111m at T=2048, bf16, compiled and not
+    # one GPU, 111m at T=2048, bf16, compiled and not, the head's vocabulary padded and not
     python benchmarks/bench_train.py --model 111m --seq 2048 --batch 16 --precision bf16-mixed \
-        --compile off,on --steps 20 --warmup 5
+        --compile off,on --vocab-pad 1,64 --steps 20 --warmup 5
     # the largest model that trains with FSDP CPU offload on one GPU
     python benchmarks/bench_train.py --model 13b --seq 2048 --batch 1 --fsdp-offload
 """
@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ class Result:
     tokens_per_s: float
     step_ms: float
     peak_mem_gib: float | None
+    vocab_pad: int = 1
     losses: list[float] = field(default_factory=list)
     error: str | None = None
 
@@ -135,7 +136,8 @@ def run_raw(config, args, precision, compile_, data, device) -> Result:
     elapsed = time.perf_counter() - t0
     tokens = args.steps * args.batch * args.seq
     return Result("raw", precision, compile_, args.batch, args.seq, tokens / elapsed,
-                  1000 * elapsed / args.steps, peak_memory(device), [float(v) for v in losses])
+                  1000 * elapsed / args.steps, peak_memory(device), config.vocab_pad_multiple,
+                  [float(v) for v in losses])
 
 
 def run_lightning(config, args, precision, compile_, data, device, bar: bool = False,
@@ -185,7 +187,7 @@ def run_lightning(config, args, precision, compile_, data, device, bar: bool = F
     tokens = args.steps * args.batch * args.seq
     mode = "fsdp-offload" if fsdp_offload else ("lightning+bar" if bar else "lightning")
     return Result(mode, precision, compile_, args.batch, args.seq, tokens / elapsed,
-                  1000 * elapsed / args.steps, peak_memory(device))
+                  1000 * elapsed / args.steps, peak_memory(device), config.vocab_pad_multiple)
 
 
 def guarded(fn, *a, **kw) -> Result | None:
@@ -196,7 +198,7 @@ def guarded(fn, *a, **kw) -> Result | None:
         text = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}"
         print(f"  failed: {text}", file=sys.stderr, flush=True)
         return Result(fn.__name__.removeprefix("run_"), a[2], a[3], a[1].batch, a[1].seq, 0.0, 0.0, None,
-                      error=text)
+                      a[0].vocab_pad_multiple, error=text)
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -223,28 +225,30 @@ def table(results: list[Result], config: GPTConfig, device: torch.device, vs_raw
     name = device_name_of(device)
     fpt = flops_per_token(config, results[0].seq) if results else 0.0
     lines = [
-        "| mode | precision | compile | batch x seq | tokens/s | step ms | MFU | peak GPU mem GiB | / raw loop |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| mode | precision | compile | vocab pad | batch x seq | tokens/s | step ms | MFU | peak GPU mem GiB "
+        "| / raw loop |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.error:
-            lines.append(f"| {r.mode} | {r.precision} | {'on' if r.compile else 'off'} | {r.batch} x {r.seq} "
-                         f"| failed: {r.error} | | | | |")
+            lines.append(f"| {r.mode} | {r.precision} | {'on' if r.compile else 'off'} | {r.vocab_pad} "
+                         f"| {r.batch} x {r.seq} | failed: {r.error} | | | | |")
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peak = peak_flops(name, r.precision)
         mfu = f"{100 * r.tokens_per_s * fpt / peak:.1f}%" if peak else "n/a"
-        ratio = vs_raw.get((r.batch, r.precision, r.compile, r.mode))
+        ratio = vs_raw.get((r.batch, r.precision, r.compile, r.vocab_pad, r.mode))
         ratio = f"{ratio:.3f}" if ratio is not None and r.mode != "raw" else ""
         mem = f"{r.peak_mem_gib:.1f}" if r.peak_mem_gib is not None else "-"
-        lines.append(f"| {r.mode} | {r.precision} | {'on' if r.compile else 'off'} | {r.batch} x {r.seq} "
-                     f"| {r.tokens_per_s:,.0f} | {r.step_ms:.1f} | {mfu} | {mem} | {ratio} |")
+        lines.append(f"| {r.mode} | {r.precision} | {'on' if r.compile else 'off'} | {r.vocab_pad} "
+                     f"| {r.batch} x {r.seq} | {r.tokens_per_s:,.0f} | {r.step_ms:.1f} | {mfu} | {mem} | {ratio} |")
     return "\n".join(lines)
 
 
 def loss_comparison(results: list[Result]) -> str:
-    curves = {r.precision: r.losses for r in results if r.mode == "raw" and r.losses and not r.compile}
+    curves = {r.precision: r.losses for r in results
+              if r.mode == "raw" and r.losses and not r.compile and r.vocab_pad == 1}
     if "32-true" not in curves or len(curves) < 2:
         return ""
     ref = np.array(curves["32-true"])
@@ -270,6 +274,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=str, default="8", help="batch sizes, comma separated")
     p.add_argument("--precision", default="32-true,bf16-mixed,bf16-true", help="Lightning precisions, comma separated")
     p.add_argument("--compile", default="off", help="off, on or off,on")
+    p.add_argument("--vocab-pad", default="1",
+                   help="model.config.vocab_pad_multiple values, comma separated (1 = unpadded; 64 for GPUs)")
     p.add_argument("--modes", default="raw,lightning", help="raw, lightning, lightning+bar (comma separated)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation, allocator)")
@@ -306,6 +312,7 @@ def main(argv=None) -> list[Result]:
     batches = [int(b) for b in args.batch.split(",")]
     precisions = args.precision.split(",")
     compiles = [c.strip() == "on" for c in args.compile.split(",")]
+    pads = [int(v) for v in args.vocab_pad.split(",")]
     modes = args.modes.split(",")
     header = (f"device {device_name_of(device)} | torch {torch.__version__} | model depth={config.depth} "
               f"width={config.width} heads={config.heads} vocab={config.vocab_size} "
@@ -324,8 +331,8 @@ def main(argv=None) -> list[Result]:
                 return []
             for b in batches:
                 args.batch = b
-                results.append(guarded(run_lightning, config, args, precisions[0], compiles[0], data, device,
-                                       fsdp_offload=True))
+                results.append(guarded(run_lightning, replace(config, vocab_pad_multiple=pads[0]), args,
+                                       precisions[0], compiles[0], data, device, fsdp_offload=True))
                 print(f"  {results[-1].mode} batch={b}: {results[-1].tokens_per_s:,.0f} tokens/s, "
                       f"host peak RSS {host_rss_gib():.1f} GiB", flush=True)
         else:
@@ -335,28 +342,36 @@ def main(argv=None) -> list[Result]:
                     args.batch = b
                     for precision in precisions:
                         for compile_ in compiles:
-                            for mode in modes:
-                                if device.type == "cuda":
-                                    torch.cuda.reset_peak_memory_stats(device)
-                                t = time.perf_counter()
-                                if mode == "raw":
-                                    r = guarded(run_raw, config, args, precision, compile_, data, device)
-                                else:
-                                    r = guarded(run_lightning, config, args, precision, compile_, data, device,
-                                                bar=mode == "lightning+bar")
-                                runs.setdefault((b, precision, compile_, mode), []).append(r)
-                                print(f"  round {round_} {mode:13s} {precision:10s} compile={compile_!s:5s} "
-                                      f"batch={b}: {r.tokens_per_s:,.0f} tokens/s "
-                                      f"({time.perf_counter() - t:.0f}s)", flush=True)
+                            for pad in pads:
+                                shaped = replace(config, vocab_pad_multiple=pad)
+                                for mode in modes:
+                                    if device.type == "cuda":
+                                        torch.cuda.reset_peak_memory_stats(device)
+                                    t = time.perf_counter()
+                                    if mode == "raw":
+                                        r = guarded(run_raw, shaped, args, precision, compile_, data, device)
+                                    else:
+                                        r = guarded(run_lightning, shaped, args, precision, compile_, data, device,
+                                                    bar=mode == "lightning+bar")
+                                    runs.setdefault((b, precision, compile_, pad, mode), []).append(r)
+                                    print(f"  round {round_} {mode:13s} {precision:10s} compile={compile_!s:5s} "
+                                          f"pad={pad:<3d} batch={b}: {r.tokens_per_s:,.0f} tokens/s "
+                                          f"({time.perf_counter() - t:.0f}s)", flush=True)
             results = [median_rows(rows) for rows in runs.values()]
-            for (b, precision, compile_, mode), rows in runs.items():
-                if (b, precision, compile_, "raw") in runs:
-                    vs_raw[(b, precision, compile_, mode)] = paired_ratio(rows, runs[(b, precision, compile_, "raw")])
-                if precision != "32-true" and (b, "32-true", compile_, mode) in runs:
-                    ratio = paired_ratio(rows, runs[(b, "32-true", compile_, mode)])
+            for (b, precision, compile_, pad, mode), rows in runs.items():
+                if (b, precision, compile_, pad, "raw") in runs:
+                    vs_raw[(b, precision, compile_, pad, mode)] = paired_ratio(
+                        rows, runs[(b, precision, compile_, pad, "raw")])
+                if precision != "32-true" and (b, "32-true", compile_, pad, mode) in runs:
+                    ratio = paired_ratio(rows, runs[(b, "32-true", compile_, pad, mode)])
                     if ratio is not None:
                         notes.append(f"{mode} {precision} / 32-true, compile {'on' if compile_ else 'off'}, "
-                                     f"batch {b}: {ratio:.2f}x tokens/s (median of per-round ratios)")
+                                     f"pad {pad}, batch {b}: {ratio:.2f}x tokens/s (median of per-round ratios)")
+                if pad != 1 and (b, precision, compile_, 1, mode) in runs:
+                    ratio = paired_ratio(rows, runs[(b, precision, compile_, 1, mode)])
+                    if ratio is not None:
+                        notes.append(f"{mode} {precision}, compile {'on' if compile_ else 'off'}, batch {b}: "
+                                     f"vocab pad {pad} / unpadded {ratio:.2f}x tokens/s")
     text = table(results, config, device, vs_raw) + ("\n\n" + "\n".join(notes) if notes else "")
     losses = loss_comparison(results)
     print("\n" + text + ("\n\n" + losses if losses else ""), flush=True)

@@ -7,7 +7,8 @@
 # Needs python3 with torch (CUDA), lightning, torchmetrics, numpy; no network, no install of
 # gigagpt (PYTHONPATH=. is set here). Parts, each time-boxed; a failure is recorded, not fatal:
 #   1. machine and versions   2. SDPA flash kernel, fused AdamW, pinned loader, host syncs per step
-#   3. 111m at T=2048 bf16: batch sweep, then compile off/on x raw loop / Lightning / Lightning+bar
+#   3. 111m at T=2048 bf16: batch x head vocabulary padding sweep, then compile off/on x raw loop /
+#      Lightning, then a profile of one step (kernel time by category, device idle share)
 #   4. FSDP with CPU offload on one GPU: 1p3b, then 13b
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -140,7 +141,7 @@ if cuda:
 EOF
 
 if "$PY" -c "import pytest" 2>/dev/null; then
-  part 60 "pytest: model and GPU configs (torch/lightning of this machine)" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_model.py tests/test_gpu_configs.py
+  part 60 "pytest: model and benchmarks (torch/lightning of this machine)" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_model.py tests/test_benchmarks.py
 fi
 
 # -- 3. 111m throughput ----------------------------------------------------------------------------
@@ -149,21 +150,31 @@ if [[ $SMOKE == 1 ]]; then
   SWEEP="2,4"; PREC=32-true,bf16-mixed; STEPS=(--steps 2 --warmup 1); LABEL="smoke shape T=64"
 else
   SHAPE=(--model 111m --seq 2048)
-  SWEEP="8,16,32"; PREC=bf16-mixed; STEPS=(--steps 10 --warmup 3); LABEL="111m T=2048"
+  SWEEP="16,32"; PREC=bf16-mixed; STEPS=(--steps 10 --warmup 3); LABEL="111m T=2048"
 fi
 TAIL=4  # the benchmark appends its own table to the results
-part 90 "$LABEL $PREC: batch sweep (raw loop, compile off)" \
-  "$PY" benchmarks/bench_train.py "${SHAPE[@]}" --batch "$SWEEP" --precision "$PREC" --modes raw \
-  --rounds 1 "${STEPS[@]}" --json "$OUT/sweep.json" --markdown "$RES"
-BEST=$("$PY" -c "
-import json, sys
+part 100 "$LABEL $PREC: batch x head vocabulary padding (1 = 50,257 wide, 64 = 50,304), raw loop, compile off" \
+  "$PY" benchmarks/bench_train.py "${SHAPE[@]}" --batch "$SWEEP" --precision "$PREC" --vocab-pad 1,64 \
+  --modes raw --rounds 1 "${STEPS[@]}" --json "$OUT/sweep.json" --markdown "$RES"
+read -r BEST PAD < <("$PY" -c "
+import json
 rows = [r for r in json.load(open('$OUT/sweep.json'))['results'] if not r['error']]
-print(max(rows, key=lambda r: r['tokens_per_s'])['batch'] if rows else '${SWEEP%%,*}')" 2>/dev/null || echo "${SWEEP%%,*}")
-say "best batch: $BEST"
+best = max(rows, key=lambda r: r['tokens_per_s']) if rows else {'batch': '${SWEEP%%,*}', 'vocab_pad': 64}
+print(best['batch'], best['vocab_pad'])" 2>/dev/null || echo "${SWEEP%%,*} 64")
+say "fastest: batch $BEST, vocab pad $PAD"
 [[ $SMOKE == 1 ]] && STEPS=(--steps 2 --warmup 1) || STEPS=(--steps 15 --warmup 5)
-part 220 "$LABEL $PREC batch $BEST: compile off/on x raw / Lightning / Lightning+progress bar (2 interleaved rounds)" \
+part 200 "$LABEL $PREC batch $BEST pad $PAD: compile off/on x raw loop / Lightning (2 interleaved rounds)" \
   "$PY" benchmarks/bench_train.py "${SHAPE[@]}" --batch "$BEST" --precision "$PREC" --compile off,on \
-  --modes raw,lightning,lightning+bar --rounds 2 "${STEPS[@]}" --json "$OUT/main.json" --markdown "$RES"
+  --vocab-pad "$PAD" --modes raw,lightning --rounds 2 "${STEPS[@]}" --json "$OUT/main.json" --markdown "$RES"
+if [[ $SMOKE == 1 ]]; then
+  PROFILE=(--depth 2 --width 64 --heads 2 --vocab 512 --seq 64 --batch 2)
+else
+  PROFILE=(--model 111m --seq 2048 --batch "$BEST")
+fi
+TAIL=70
+part 90 "where a step's time goes: $LABEL batch $BEST pad $PAD, compile off then on" bash -c \
+  "'$PY' benchmarks/profile_step.py ${PROFILE[*]} --vocab-pad $PAD && '$PY' benchmarks/profile_step.py ${PROFILE[*]} --vocab-pad $PAD --compile --top 8"
+TAIL=4
 
 # -- 4. FSDP + CPU offload on one GPU ----------------------------------------------------------------
 if [[ $SMOKE == 1 ]]; then

@@ -34,9 +34,13 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
     # "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation the public GPT-2 weights use).
     activation: str = "gelu"
+    # Compute the LM head over the vocabulary rounded up to a multiple of this (64 on GPUs: a
+    # 50,257-wide output is misaligned for tensor-core matrix multiplies). The extra rows are zeros
+    # with logits of -inf, so parameters, state dict, logits and loss are those of the unpadded head.
+    vocab_pad_multiple: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_position_embeddings", "depth", "width", "heads"):
+        for name in ("vocab_size", "max_position_embeddings", "depth", "width", "heads", "vocab_pad_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model.config.{name} must be a positive integer, got {value!r}")
@@ -55,6 +59,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The width the LM head is computed at (``vocab_size`` rounded up to ``vocab_pad_multiple``)."""
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> GPTConfig:
@@ -176,6 +185,34 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.ln_2(x)))
 
 
+class HeadLoss(nn.Module):
+    """The tied LM head's logits and the mean token cross entropy over them.
+
+    Holds no parameters (the head weight is passed in), so it can be compiled on its own: a
+    compiled loss reads the logits without writing their float32 copy and log-probabilities out.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.vocab_size = config.vocab_size
+        self.padded_vocab_size = config.padded_vocab_size
+
+    def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Logits over ``padded_vocab_size`` columns; the padding columns are -inf."""
+        pad = self.padded_vocab_size - self.vocab_size
+        if not pad:
+            return F.linear(x, weight)
+        # An aligned GEMM with the mask as its bias: one kernel, and exp(-inf) = 0 keeps the
+        # softmax, the loss and every gradient exactly those of the unpadded vocabulary.
+        bias = torch.zeros(self.padded_vocab_size, device=x.device, dtype=x.dtype)
+        bias[self.vocab_size:] = float("-inf")
+        return F.linear(x, F.pad(weight, (0, 0, 0, pad)), bias)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(x, weight)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -187,6 +224,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.width, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.width, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied: one tensor, counted once
+        self.head_loss = HeadLoss(config)
         if self.wte.weight.device.type != "meta":
             self.init_weights()
 
@@ -239,10 +277,10 @@ class GPT(nn.Module):
             x = block(x, None if caches is None else caches[i], pos)
         if last_only:  # generation needs the next-token logits only: skip the rest of the head
             x = x[:, -1:]
-        logits = self.lm_head(self.ln_f(x))
+        x = self.ln_f(x)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            return self.head_loss.logits(x, self.lm_head.weight)[..., : self.config.vocab_size]
+        return self.head_loss(x, self.lm_head.weight, targets)
 
     def make_caches(self, batch: int, max_len: int | None = None, dtype=None) -> list[KVCache]:
         """One empty KV cache per block, on the model's device."""

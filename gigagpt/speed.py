@@ -53,15 +53,18 @@ def _can_compile(device: torch.device | str | None, **compile_kwargs) -> bool:
 
 
 def compile_blocks(model: GPT, **compile_kwargs) -> bool:
-    """``torch.compile`` each transformer block in place; ``False`` (and one line) if unavailable.
+    """``torch.compile`` each transformer block and the head's loss in place; ``False`` (and one
+    line) if unavailable.
 
     Per block rather than the whole model: one graph compiled once and reused ``depth`` times,
     fast to compile, and compatible with per-block FSDP wrapping and activation checkpointing.
+    The loss is compiled too: fused, it never writes the float32 logits out.
     """
     if not _can_compile(next(model.parameters()).device, **compile_kwargs):
         return False
     for block in model.blocks:
         block.compile(**compile_kwargs)
+    model.head_loss.compile(**compile_kwargs)
     return True
 
 
@@ -75,7 +78,7 @@ def build_for_fsdp(config: GPTConfig, device: torch.device | str, compile: bool 
     device (no memory), then each piece is allocated and initialised in the order
     :meth:`GPT.init_weights` uses, so the weights equal those ``init_weights()`` gives the whole
     model from the same random state, and the head stays tied to the token embedding. ``compile`` compiles
-    each block before it is wrapped (FSDP then needs ``use_orig_params: true``).
+    each block before it is wrapped, and the loss (FSDP then needs ``use_orig_params: true``).
     """
     if wrap is None:
         from torch.distributed.fsdp.wrap import wrap
@@ -99,6 +102,8 @@ def build_for_fsdp(config: GPTConfig, device: torch.device | str, compile: bool 
     model.lm_head.weight = model.wte.weight  # to_empty gave the embedding a new tensor: re-tie
     model.init_weights(model.ln_f)
     model.init_weights(model.lm_head)
+    if compile:
+        model.head_loss.compile()
     # The root unit (embeddings, final norm, tied head) must be an FSDP module too: Lightning does
     # not wrap a model that already holds FSDP modules, and unwrapped parameters would not sync.
     return wrap(model)

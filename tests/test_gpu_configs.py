@@ -16,7 +16,7 @@ from gigagpt.cli import GigaCLI
 from gigagpt.data import GPTDataModule
 from gigagpt.model import GPT, Block, GPTConfig
 from gigagpt.module import GPTModule
-from gigagpt.speed import build_for_fsdp, check_fsdp_strategy, compile_blocks
+from gigagpt.speed import build_for_fsdp, check_fsdp_strategy, compile_available, compile_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ROOT / "configs" / "gpu"
@@ -69,7 +69,8 @@ def test_gpu_config_parses_and_builds_on_meta(name):
     assert global_batch == recipe_batch
 
     config = cli.model.config
-    assert config == GPTConfig.from_name(recipe)
+    # The recipe's model, its head computed over a vocabulary padded for tensor cores.
+    assert config == GPTConfig.from_name(recipe, vocab_pad_multiple=64)
     strategy = trainer["strategy"]
     if "fsdp.yaml" in layers:
         from lightning.pytorch.strategies import FSDPStrategy
@@ -108,6 +109,8 @@ def test_compile_blocks_compiles_or_falls_back_with_one_line(capsys):
     model = GPT(config)
     idx = torch.randint(0, 64, (2, 16))
     expected = model(idx)
+    targets = torch.randint(0, 64, (2, 16))
+    expected_loss = model(idx, targets)
     # A backend that does not exist: a real compile failure, reported in one line, model eager.
     assert compile_blocks(model, backend="no_such_backend") is False
     err = capsys.readouterr().err.strip().splitlines()
@@ -116,5 +119,29 @@ def test_compile_blocks_compiles_or_falls_back_with_one_line(capsys):
     # The eager backend needs no compiler: blocks compiled in place, same class, same numbers.
     assert compile_blocks(model, backend="eager") is True
     assert all(isinstance(b, Block) and b._compiled_call_impl is not None for b in model.blocks)
+    assert model.head_loss._compiled_call_impl is not None
     torch.testing.assert_close(model(idx), expected)
+    torch.testing.assert_close(model(idx, targets), expected_loss)
     assert list(model.state_dict()) == list(GPT(config).state_dict())
+
+
+def test_inductor_compiled_blocks_and_padded_loss_match_eager():
+    """The real compiler (Inductor: C++ on CPU, Triton on GPU), the padded head included."""
+    reason = compile_available("cpu")
+    if reason is not None:
+        pytest.skip(f"torch.compile cannot build here: {reason}")
+    config = GPTConfig(vocab_size=97, max_position_embeddings=32, depth=2, width=48, heads=4,
+                       vocab_pad_multiple=64)
+    torch.manual_seed(0)
+    model = GPT(config)
+    idx, targets = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
+    expected = model(idx, targets)
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert compile_blocks(model) is True
+    loss = model(idx, targets)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    for p, g in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(p.grad, g)

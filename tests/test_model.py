@@ -120,6 +120,7 @@ def test_context_overflow_is_a_clear_error():
     (dict(width=50, heads=4), "divisible"),
     (dict(depth=0), "depth"),
     (dict(dropout=1.5), "dropout"),
+    (dict(vocab_pad_multiple=0), "vocab_pad_multiple"),
 ])
 def test_bad_config_is_a_clear_error(bad, match):
     base = dict(vocab_size=97, max_position_embeddings=32, depth=2, width=48, heads=4)
@@ -131,3 +132,38 @@ def test_named_sizes_are_known():
     assert set(REFERENCE_PARAMS) < set(NAMED_CONFIGS)
     with pytest.raises(ValueError, match="choose one of"):
         GPTConfig.from_name("7b")
+
+
+def test_padded_head_changes_no_parameter_logit_loss_or_gradient():
+    """vocab_pad_multiple pads the head's compute only: same state dict, outputs and gradients."""
+    base = dict(vocab_size=97, max_position_embeddings=32, depth=2, width=48, heads=4)
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(**base))
+    padded = GPT(GPTConfig(**base, vocab_pad_multiple=64))
+    padded.load_state_dict(plain.state_dict())
+    assert padded.config.padded_vocab_size == 128 and padded.num_params() == plain.num_params()
+    assert list(padded.state_dict()) == list(plain.state_dict())
+    idx, targets = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
+    torch.testing.assert_close(padded(idx), plain(idx))
+    assert padded(idx).shape == (3, 20, 97)
+    torch.testing.assert_close(padded(idx, last_only=True), plain(idx, last_only=True))
+    # The padding columns exist in the head's output and are -inf, so they carry no probability.
+    assert torch.isneginf(padded.head_loss.logits(torch.randn(2, 48), padded.lm_head.weight)[:, 97:]).all()
+    losses = []
+    for model in (plain, padded):
+        loss = model(idx, targets)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0])
+    for (name, a), b in zip(plain.named_parameters(), padded.parameters()):
+        assert b.grad is not None and b.grad.shape == a.shape, name
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    # bf16 autocast (the GPU recipe): still the unpadded loss, to bf16 accuracy.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(padded(idx, targets), plain(idx, targets), atol=2e-2, rtol=2e-2)
+
+
+def test_padded_vocab_size():
+    assert GPTConfig().padded_vocab_size == 50257
+    assert GPTConfig(vocab_pad_multiple=64).padded_vocab_size == 50304
+    assert GPTConfig(vocab_size=256, vocab_pad_multiple=64).padded_vocab_size == 256
