@@ -533,29 +533,27 @@ class CerebrasStrategy(Strategy):
         self._drain(it, executor)
 
     def _eval_stream(self, trainer, dataloader) -> _Stream:
+        """Evaluation batches through a cstorch executor made afresh at each pass over the stream.
+
+        Lightning asks for the loader once per fit and reuses it for the sanity check and every
+        validation, deriving its own batch limits from ``len()``. So the stream's length is the
+        loader's, and the number of steps of each pass is decided when the pass starts: the sanity
+        check's ``num_sanity_val_steps``, ``limit_val_batches`` / ``limit_test_batches`` otherwise,
+        exactly as Lightning counts them.
+        """
         dm = trainer.datamodule
-        inner_len = len(dataloader)
-        if trainer.sanity_checking:
-            limit = trainer.num_sanity_val_steps
-        elif trainer.testing:
-            limit = trainer.limit_test_batches
-        else:
-            limit = trainer.limit_val_batches
-        n = inner_len if limit is None else (
-            min(inner_len, int(limit)) if isinstance(limit, int) or float(limit) > 1 else int(inner_len * limit)
-        )
-        if self.validate_only or self.compile_only:
-            n = min(n, 1)
-        n = max(n, 0)
-        factory, args = cerebras_eval_factory(dm, dataloader, n)
+        one_step = self.validate_only or self.compile_only  # lower the evaluation step once, then stop
+        stream = _Stream(1 if one_step else len(dataloader), None)
 
         def start():
             self._close_eval_executor()
-            if n == 0 or ((self.validate_only or self.compile_only) and self._traced_eval is not None):
-                return  # nothing to run; validate/compile-only lower the evaluation step once
+            n = 1 if one_step else _eval_batches(trainer, len(dataloader))
+            if n == 0 or (one_step and self._traced_eval is not None):
+                return
+            factory, args = cerebras_eval_factory(dm, dataloader, n)
             cstorch = import_cstorch()
             loader = cstorch.utils.data.DataLoader(factory, args)
-            self._eval_executor = cstorch.utils.data.DataExecutor(loader, num_steps=max(n, 1))
+            self._eval_executor = cstorch.utils.data.DataExecutor(loader, num_steps=n)
             self._eval_iter = iter(self._eval_executor)
 
         def next_batch():
@@ -563,7 +561,8 @@ class CerebrasStrategy(Strategy):
                 raise StopIteration
             return self._advance(self._eval_iter)
 
-        return _Stream(n, next_batch, on_iter=start)
+        stream.next_batch, stream.on_iter = next_batch, start
+        return stream
 
     def _close_eval_executor(self) -> None:
         if self._eval_iter is None:
@@ -697,6 +696,9 @@ class CerebrasStrategy(Strategy):
             return update
 
         module.log = log
+        # torchmetrics keeps its bookkeeping wrapper (update counts, cache reset) as an instance
+        # attribute: put that exact object back afterwards, not the bare class method.
+        originals = {name: metric.__dict__.get("update") for name, metric in metrics.items()}
         for name, metric in metrics.items():
             metric.update = recorder(name)
         self._in_trace = True
@@ -723,8 +725,11 @@ class CerebrasStrategy(Strategy):
         finally:
             self._in_trace = False
             del module.log
-            for metric in metrics.values():
-                del metric.update
+            for name, metric in metrics.items():
+                if originals[name] is None:
+                    del metric.update
+                else:
+                    metric.update = originals[name]
 
     def _publish(self, fx: str, module, names, options, values) -> None:
         """Hand values of one finished step to Lightning's loggers, progress bar and callback_metrics."""
@@ -892,6 +897,15 @@ def cerebras_eval_loader(args: dict):
     from gigagpt.data import build_eval_loader
 
     return build_eval_loader(**args)
+
+
+def _eval_batches(trainer, length: int) -> int:
+    """How many batches Lightning takes from a loader of ``length`` in the running evaluation."""
+    limit = trainer.limit_test_batches if trainer.testing else trainer.limit_val_batches
+    n = min(length, limit) if isinstance(limit, int) else int(length * limit)
+    if trainer.sanity_checking:
+        n = min(n, trainer.num_sanity_val_steps)  # -1 ("all") is float("inf") in the Trainer
+    return max(int(n), 0)
 
 
 def cerebras_eval_factory(dm, dataloader, num_batches: int):

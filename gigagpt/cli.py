@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -52,6 +52,11 @@ class GigaCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs):
+        if self._get(self.config_init, "trainer", default={}).get("enable_progress_bar") is False:
+            # The default rich bar would make Lightning refuse --trainer.enable_progress_bar false.
+            defaults = self.trainer_defaults.get("callbacks") or []
+            self.trainer_defaults = {**self.trainer_defaults,
+                                     "callbacks": [c for c in defaults if not isinstance(c, ProgressBar)]}
         trainer = super().instantiate_trainer(**kwargs)
         # Atomic, fsynced checkpoint files wherever Lightning's default writer would be used.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:

@@ -78,6 +78,16 @@ def test_111m_starts_training_on_cpu(builtin_gpt2, tmp_path):
     assert "max_steps=2` reached" in proc.stdout + proc.stderr
 
 
+def test_progress_bar_can_be_switched_off(builtin_bytes, tmp_path):
+    proc = run_gigagpt("fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--data.path={builtin_bytes}",
+                       "--trainer.enable_progress_bar=false", "--trainer.max_steps=2", "--trainer.logger=false",
+                       "--trainer.limit_val_batches=0", "--samples.every_n_steps=0",
+                       f"--checkpoint.dirpath={tmp_path}/ckpt", f"--trainer.default_root_dir={tmp_path}",
+                       cwd=tmp_path)
+    assert "max_steps=2` reached" in proc.stdout + proc.stderr
+    assert "train/loss" not in proc.stdout  # no bar drew the metrics
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config", "configs/111m.yaml"], "data.path is still the placeholder '/path/to/openwebtext'"),
     (["--config", "configs/tiny.yaml", "--data.path=/nonexistent/data"], "data.path '/nonexistent/data' does not exist"),

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +25,17 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from gigagpt import GPTConfig, GPTDataModule, GPTModule, OptimConfig
+
+
+class EvalCounter(Callback):
+    """Validation batches run outside the sanity check."""
+
+    def __init__(self):
+        self.batches = 0
+
+    def on_validation_batch_end(self, trainer, *args):
+        if not trainer.sanity_checking:
+            self.batches += 1
 
 
 class StepTimer(Callback):
@@ -63,6 +75,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--val-every", type=int, default=0)
     p.add_argument("--val-batches", type=int, default=2)
+    p.add_argument("--sanity", type=int, default=0, help="num_sanity_val_steps")
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--resume", default=None)
     p.add_argument("--precision", default="32-true")
@@ -74,8 +87,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(1337, verbose=False)
     module, data = build(args)
-    timer = StepTimer()
-    callbacks = [timer]
+    timer, evals = StepTimer(), EvalCounter()
+    callbacks = [timer, evals]
     if args.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", filename="step{step:04d}",
                                          auto_insert_metric_name=False, every_n_train_steps=args.ckpt_every,
@@ -95,7 +108,7 @@ def main(argv=None):
         val_check_interval=args.val_every or None,
         check_val_every_n_epoch=None if args.val_every else 1,
         limit_val_batches=args.val_batches if args.val_every else 0,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=args.sanity,
         enable_checkpointing=bool(args.ckpt_every),
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -105,7 +118,11 @@ def main(argv=None):
     if args.steps < max_steps:
         stopper = StopAt(args.steps)
         trainer.callbacks.append(stopper)
-    trainer.fit(module, data, ckpt_path=args.resume)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, data, ckpt_path=args.resume)
+    for w in caught:  # still shown, after the run
+        print(f"{w.category.__name__}: {w.message}", file=sys.stderr)
     with open(out / "logs" / "version_0" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     losses = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
@@ -113,6 +130,8 @@ def main(argv=None):
     vals = {int(r["step"]): float(r["val/loss"]) for r in rows if r.get("val/loss")}
     result = {
         "losses": losses, "lrs": lrs, "val": vals, "step_times": timer.times, "global_step": trainer.global_step,
+        "val_batches_run": evals.batches,
+        "metric_warnings": [str(w.message) for w in caught if "torchmetrics" in str(w.filename)],
         "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "progress_bar": {k: float(v) for k, v in trainer.progress_bar_metrics.items()
                          if isinstance(v, (int, float, torch.Tensor))},

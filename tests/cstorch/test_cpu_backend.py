@@ -19,9 +19,11 @@ def runs(builtin_bytes, tmp_path_factory):
     """Plain CPU, Cerebras CPU (checkpoints every 10 steps), and Cerebras CPU resumed from step 10."""
     root = tmp_path_factory.mktemp("cpu_backend")
     common = ("--steps", str(STEPS), "--val-every", "10")
-    run_harness("cpu", builtin_bytes, root / "plain", *common)
-    run_harness("cerebras_cpu", builtin_bytes, root / "cs", *common, "--ckpt-every", "10")
-    run_harness("cerebras_cpu", builtin_bytes, root / "resumed", *common, "--ckpt-every", "10",
+    # A sanity check of 2 batches before validations of 4: each pass must run its own count.
+    checked = ("--sanity", "2", "--val-batches", "4")
+    run_harness("cpu", builtin_bytes, root / "plain", *common, *checked)
+    run_harness("cerebras_cpu", builtin_bytes, root / "cs", *common, *checked, "--ckpt-every", "10")
+    run_harness("cerebras_cpu", builtin_bytes, root / "resumed", *common, *checked, "--ckpt-every", "10",
                 "--resume", str(root / "cs" / "ckpt" / "step0010.mdl"))
     return root
 
@@ -37,6 +39,8 @@ def test_parity_with_plain_lightning(runs):
     for k in range(STEPS):  # cstorch's schedule (float32 on the device) matches get_lr
         assert cs["lrs"][k] == pytest.approx(plain["lrs"][k], rel=1e-6, abs=1e-12)
     assert sorted(cs["val"]) == sorted(plain["val"]) == [9, 19]
+    assert cs["val_batches_run"] == plain["val_batches_run"] == 2 * 4
+    assert cs["metric_warnings"] == plain["metric_warnings"] == []  # e.g. compute before update
     for k in plain["val"]:
         assert abs(plain["val"][k] - cs["val"][k]) / plain["val"][k] <= 1e-4
     # the loss falls, and the values reach Lightning's callback_metrics and progress bar
