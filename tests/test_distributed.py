@@ -23,7 +23,12 @@ CONFIG = dict(vocab_size=256, max_position_embeddings=SEQ, depth=2, width=64, he
 
 
 def train(data: str, out: str, strategy: str, devices: int, batch_size: int, steps: int = STEPS) -> None:
-    """Train the tiny GPT; rank 0 writes the global (rank-averaged) loss of every step to ``out``."""
+    """Train the tiny GPT; rank 0 writes the global (rank-averaged) loss of every step to ``out``,
+    and the trained model is saved as a Lightning checkpoint to ``out`` + ``.ckpt``.
+
+    The FSDP run computes its head over a padded vocabulary (``vocab_pad_multiple``): the padded
+    head's weight is an FSDP parameter view, and the losses must still equal the plain run's.
+    """
     import lightning as L
 
     from gigagpt.data import GPTDataModule
@@ -55,12 +60,23 @@ def train(data: str, out: str, strategy: str, devices: int, batch_size: int, ste
                 os.replace(tmp, out)
 
     if strategy == "fsdp":
+        import lightning.pytorch.strategies.fsdp as lightning_fsdp
         from lightning.pytorch.strategies import FSDPStrategy
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.api import FullOptimStateDictConfig
 
         # torch's FSDP runs on CPU given device_id=cpu; Lightning's FSDPStrategy is GPU-only (it
-        # refuses accelerator='cpu' and passes device_id=None). Lightning's and torch's code run
-        # unchanged below; only those two GPU assumptions are lifted for this CPU test.
+        # refuses accelerator='cpu', passes device_id=None, and gathers full state dicts with
+        # offload_to_cpu=True, which on CPU-resident shards reads freed memory). Lightning's and
+        # torch's code run unchanged below; only those three GPU assumptions are lifted for this test.
+        def full_state_dict_on_cpu(module, world_size, rank0_only=True):
+            return FSDP.state_dict_type(
+                module, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+                FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+            )
+
+        lightning_fsdp._get_full_state_dict_context = full_state_dict_on_cpu
         init = FSDP.__init__
 
         def init_on_cpu(self, *args, device_id=None, **kwargs):
@@ -79,7 +95,8 @@ def train(data: str, out: str, strategy: str, devices: int, batch_size: int, ste
     else:
         strategy_obj = "auto"
     L.seed_everything(1234, verbose=False)
-    module = GPTModule(GPTConfig(**CONFIG), OptimConfig(lr=3e-3, warmup_steps=2))
+    pad = 100 if strategy == "fsdp" else 1
+    module = GPTModule(GPTConfig(**CONFIG, vocab_pad_multiple=pad), OptimConfig(lr=3e-3, warmup_steps=2))
     if strategy != "fsdp":
         # The FSDP run builds in configure_model, piece by piece (build_for_fsdp); start the
         # others from the same weights (the same function without sharding, the same seed).
@@ -92,6 +109,8 @@ def train(data: str, out: str, strategy: str, devices: int, batch_size: int, ste
         gradient_clip_val=1.0, callbacks=[Record()], use_distributed_sampler=False,
     )
     trainer.fit(module, datamodule=dm)
+    # With FSDP: Lightning's default state_dict_type "full" gathers the shards into one file.
+    trainer.save_checkpoint(out + ".ckpt")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +140,7 @@ def single(data_dir, tmp_path_factory) -> dict:
     """1 process, batch 4: the reference."""
     out = tmp_path_factory.mktemp("single") / "losses.json"
     train(data_dir, str(out), "single", 1, 4)
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "ckpt": str(out) + ".ckpt"}
 
 
 def test_ddp_two_ranks_match_one_rank_with_same_global_batch(data_dir, single, tmp_path):
@@ -135,11 +154,18 @@ def test_ddp_two_ranks_match_one_rank_with_same_global_batch(data_dir, single, t
 
 def test_fsdp_two_ranks_match_one_rank(data_dir, single, tmp_path):
 
+    from gigagpt.checkpoint import load_gpt
+
     result = _run_ranks(data_dir, tmp_path / "fsdp.json", "fsdp", batch_size=2)
     assert result["world_size"] == 2
     assert result["losses"] == pytest.approx(single["losses"], rel=1e-4, abs=1e-5)
     # Weight decay still reaches exactly the matrices, though FSDP flattens every parameter.
     assert result["groups"] == single["groups"]
+    # The sharded model saved as one ordinary checkpoint holds the weights the single run reached.
+    sharded, plain = load_gpt(tmp_path / "fsdp.json.ckpt"), load_gpt(single["ckpt"])
+    assert sharded.config.vocab_pad_multiple == 100 and sharded.lm_head.weight is sharded.wte.weight
+    for (name, a), b in zip(plain.state_dict().items(), sharded.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_ranks_see_the_global_batch_of_one_rank():
