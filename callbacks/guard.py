@@ -22,6 +22,10 @@ class NonFiniteGuard(L.Callback):
     message names the optimizer step and the newest checkpoint written, to resume from with a
     lower learning rate or a different seed.
 
+    Under fp16 loss scaling (a precision plugin with a ``scaler``) gradients are not checked: an
+    overflowing step is routine there, and the scaler itself skips it and lowers the scale, so no
+    non-finite gradient reaches the weights; the loss is still checked.
+
     Reading a value costs one device synchronisation; ``every_n_steps`` spaces the checks (on
     devices whose tensors cannot be read during the step, the logged ``train/loss`` is checked).
 
@@ -61,6 +65,8 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if not self.check_grads or not self._due(trainer):
             return
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 loss scaling: the scaler skips overflowing steps itself
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if not grads or grads[0].device.type not in _READABLE_DEVICES:
             return

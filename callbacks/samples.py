@@ -33,7 +33,11 @@ class TextSamples(L.Callback):
         temperature, top_k: sampling settings (``temperature=0``: greedy).
         seed: seeds the private generator; the same step gives the same sample.
         tokenizer: ``"bytes"``, ``"gpt2"`` or a ``.tiktoken`` file; default: from the data's
-            ``meta.json``, else from the vocabulary size (256: bytes).
+            ``meta.json`` (the local ranks file it was prepared with, when that still exists),
+            else from the vocabulary size (256: bytes).
+
+    The tokenizer is loaded when training starts; if it cannot be (e.g. GPT-2's files offline),
+    one warning says how to fix it and sampling is turned off: samples never stop a run.
     """
 
     def __init__(self, prompt: str = "\n", every_n_steps: int = 500, max_new_tokens: int = 64,
@@ -55,11 +59,25 @@ class TextSamples(L.Callback):
             spec = self.tokenizer_spec
             files = getattr(getattr(trainer, "datamodule", None), "files", None)
             if spec is None and files is not None:
-                spec = files.meta.get("tokenizer")
+                local = files.meta.get("tokenizer_file")
+                spec = local if local and Path(local).is_file() else files.meta.get("tokenizer")
             if spec is None:
                 spec = "bytes" if pl_module.config.vocab_size == 256 else "gpt2"
             self._tokenizer = get_tokenizer(spec)
         return self._tokenizer
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.every_n_steps or not trainer.is_global_zero:
+            return
+        try:
+            self._get_tokenizer(trainer, pl_module)
+        except Exception as err:  # offline, missing file, ...: a note, not the end of the run
+            rank_zero_warn(
+                f"TextSamples is turned off: its tokenizer could not be loaded ({err}). Set "
+                "--samples.tokenizer to a local GPT-2 '.tiktoken' file (or GIGAGPT_GPT2_TIKTOKEN), "
+                "or --samples.every_n_steps 0 to silence this"
+            )
+            self._disabled = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:

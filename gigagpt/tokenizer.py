@@ -30,6 +30,8 @@ class Tokenizer:
     vocab_size: int
     eot_token: int
     _encoding: object = None
+    # The local ranks file the encoding came from, if any (recorded in meta.json by prepare).
+    source_file: str | None = None
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -72,7 +74,8 @@ def gpt2_from_file(path: str | os.PathLike) -> Tokenizer:
         special_tokens={EOT_TEXT: GPT2_EOT},
         explicit_n_vocab=GPT2_VOCAB,
     )
-    return Tokenizer(name="gpt2", vocab_size=GPT2_VOCAB, eot_token=GPT2_EOT, _encoding=encoding)
+    return Tokenizer(name="gpt2", vocab_size=GPT2_VOCAB, eot_token=GPT2_EOT, _encoding=encoding,
+                     source_file=str(path.resolve()))
 
 
 def gpt2() -> Tokenizer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -147,6 +148,25 @@ def test_text_samples_log_and_leave_training_untouched(builtin_bytes, tmp_path):
     assert b"samples" in b"".join(p.read_bytes() for p in events)
 
 
+def test_text_samples_without_a_tokenizer_warn_once_and_training_goes_on(builtin_bytes, tmp_path):
+    samples = TextSamples(every_n_steps=2, max_new_tokens=4, tokenizer=str(tmp_path / "missing.tiktoken"))
+    with pytest.warns(UserWarning, match="TextSamples is turned off.*missing.tiktoken.*--samples.tokenizer"):
+        trainer, _ = _fit(tmp_path, builtin_bytes, [samples], max_steps=4)
+    assert trainer.global_step == 4 and samples.samples == []
+
+
+def test_text_samples_use_the_local_ranks_file_the_data_was_prepared_with(tmp_path):
+    from types import SimpleNamespace
+
+    # GPTDataModule exposes the data's meta.json as datamodule.files.meta
+    ranks = Path(__file__).parent / "data" / "gpt2.tiktoken"
+    files = SimpleNamespace(meta={"tokenizer": "gpt2", "tokenizer_file": str(ranks)})
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(files=files))
+    module = SimpleNamespace(config=SimpleNamespace(vocab_size=50257))
+    tokenizer = TextSamples()._get_tokenizer(trainer, module)
+    assert tokenizer.source_file == str(ranks.resolve()) and tokenizer.decode(tokenizer.encode("Hello")) == "Hello"
+
+
 class _PoisonAt(L.Callback):
     """Makes the forward pass produce NaN from optimizer step ``step`` on."""
 
@@ -176,6 +196,22 @@ def test_nonfinite_guard_names_step_and_last_checkpoint(builtin_bytes, tmp_path)
 def test_nonfinite_guard_without_checkpoint(builtin_bytes, tmp_path):
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
         _fit(tmp_path, builtin_bytes, [_PoisonAt(1), NonFiniteGuard()], max_steps=4)
+
+
+def test_nonfinite_guard_lets_the_fp16_loss_scaler_skip_overflowing_steps(builtin_bytes, tmp_path):
+    """An overflow under fp16 loss scaling is routine: the scaler skips the step, training goes on."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from gigagpt.checkpoint import AtomicCheckpointIO
+
+    try:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # high enough to overflow at first
+    except (AttributeError, TypeError, RuntimeError) as err:
+        pytest.skip(f"this torch has no CPU GradScaler: {err}")
+    plugins = [MixedPrecision("16-mixed", "cpu", scaler=scaler), AtomicCheckpointIO()]
+    trainer, _ = _fit(tmp_path, builtin_bytes, [NonFiniteGuard()], max_steps=6, precision=None, plugins=plugins)
+    assert trainer.global_step == 6
+    assert scaler.get_scale() < 2.0**24  # at least one step overflowed and was skipped by the scaler
 
 
 def test_step_seed_is_pure_function_and_saved():

@@ -67,6 +67,9 @@ def test_gpu_config_parses_and_builds_on_meta(name):
     nodes = trainer.get("num_nodes") or 1
     global_batch = cli.datamodule.batch_size * trainer["accumulate_grad_batches"] * gpus * nodes
     assert global_batch == recipe_batch
+    # Validation every as many optimizer steps as the recipe (Lightning counts micro-batches).
+    recipe_val = yaml.safe_load((ROOT / "configs" / f"{recipe}.yaml").read_text())["trainer"]["val_check_interval"]
+    assert trainer["val_check_interval"] == recipe_val * trainer["accumulate_grad_batches"]
 
     config = cli.model.config
     # The recipe's model, its head computed over a vocabulary padded for tensor cores.
