@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -134,14 +135,24 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu", weights_only: 
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` itself, or the newest ``last.ckpt`` under a run folder."""
+    """``path`` itself, or the newest "last" checkpoint under a run folder.
+
+    "Last" checkpoints are ``last.ckpt`` and the ``last-vN.ckpt`` that Lightning's ModelCheckpoint
+    writes beside an existing ``last.ckpt`` when a fresh run (``--resume never``) reuses its folder;
+    the newest by modification time wins (ties: the highest ``N``, plain ``last.ckpt`` counting as
+    0). Without any, the newest ``*.ckpt``.
+    """
     path = Path(path)
     if path.is_file():
         return path
     if path.is_dir():
-        found = sorted(path.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if found:
-            return found[-1]
+        last = []
+        for candidate in path.rglob("last*.ckpt"):
+            match = re.fullmatch(r"last(?:-v(\d+))?", candidate.stem)
+            if match and candidate.is_file():
+                last.append((candidate.stat().st_mtime_ns, int(match.group(1) or 0), str(candidate), candidate))
+        if last:
+            return max(last)[-1]
         found = sorted(path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
         if found:
             return found[-1]

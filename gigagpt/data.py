@@ -184,9 +184,12 @@ def build_eval_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Validation/test loader: the first windows in order, split round-robin across ranks."""
+    """Validation/test loader: the first windows in order, split round-robin across ranks.
+
+    Whole global batches only, so every rank runs the same number of full batches.
+    """
     dataset = WindowDataset(path, sequence_length, dtype)
-    n = len(dataset) // batch_size * batch_size
+    n = len(dataset) // (batch_size * world_size) * batch_size * world_size
     if max_batches is not None:
         n = min(n, max_batches * batch_size * world_size)
     indices = list(range(n))[rank::world_size]
@@ -236,7 +239,8 @@ class GPTDataModule(L.LightningDataModule):
         self.files: ResolvedData | None = None
 
     # -- validation of settings ------------------------------------------------------------------
-    def resolve(self, vocab_size: int | None = None, max_positions: int | None = None) -> ResolvedData:
+    def resolve(self, vocab_size: int | None = None, max_positions: int | None = None,
+                world_size: int = 1) -> ResolvedData:
         """Check every setting against the files and the model; raise DataConfigError if wrong."""
         path = str(self.path)
         if any(marker.lower() in path.lower() for marker in PLACEHOLDER_MARKERS):
@@ -266,12 +270,13 @@ class GPTDataModule(L.LightningDataModule):
         for split in ("train", "val"):
             tokens = open_tokens(getattr(files, split), dtype)
             windows = (len(tokens) - 1) // self.sequence_length
-            if windows < self.batch_size:
+            if windows < self.batch_size * world_size:
+                batch = (f"data.batch_size={self.batch_size}" if world_size == 1 else
+                         f"data.batch_size={self.batch_size} on each of {world_size} devices")
                 raise DataConfigError(
                     f"{split}.bin holds {len(tokens)} tokens = {windows} windows of "
                     f"data.sequence_length={self.sequence_length}, fewer than one batch "
-                    f"(data.batch_size={self.batch_size}); lower data.batch_size or "
-                    "data.sequence_length, or prepare more text"
+                    f"({batch}); lower data.batch_size or data.sequence_length, or prepare more text"
                 )
             if vocab_size is not None:
                 # prepare records the largest id; scan only files made without it.
@@ -294,6 +299,7 @@ class GPTDataModule(L.LightningDataModule):
         self.files = self.resolve(
             getattr(model_config, "vocab_size", None),
             getattr(model_config, "max_position_embeddings", None),
+            world_size=self._rank_world()[1],
         )
 
     # -- loaders -----------------------------------------------------------------------------------

@@ -1,9 +1,19 @@
 """``gigagpt plot <run dir>``: train/val loss and learning rate against steps (and tokens), as a PNG.
 
-Reads every ``metrics.csv`` that Lightning's CSVLogger wrote under the run folder. A resumed run
-writes a new ``version_N`` folder; the versions are merged in order and, where two hold the same
-step, the later one wins, so the picture shows one continuous run. matplotlib is an optional
-extra: ``pip install 'gigagpt[plot]'``.
+Reads every ``metrics.csv`` that Lightning's CSVLogger wrote under the run folder (one ``version_N``
+folder per ``gigagpt fit``, ``validate`` or ``test``) and splices them, in version order, into one
+continuous run:
+
+- a version holding no ``train/loss`` value at all (an evaluation-only ``validate`` / ``test``
+  run, which logs its loss at step 0) is left out of the curves and listed in
+  :attr:`Curves.skipped`;
+- a training version whose first ``train/loss`` step is ``s`` first drops every value (all series)
+  that earlier versions logged at steps ``>= s``, then adds its own. A run resumed from the
+  checkpoint of step ``k`` thus replaces the stale steps ``> k`` its crashed predecessor logged
+  after that checkpoint, and a fresh run (``--resume never``) into the same folder, starting at
+  step 0, replaces the old run entirely.
+
+matplotlib is an optional extra: ``pip install 'gigagpt[plot]'``.
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ class Curves:
     """``name -> {step: value}`` for the series of :data:`SERIES` found in a run."""
 
     values: dict[str, dict[int, float]] = field(default_factory=lambda: {name: {} for name in SERIES})
-    sources: list[Path] = field(default_factory=list)
+    sources: list[Path] = field(default_factory=list)  # the training versions spliced into the curves
+    skipped: list[Path] = field(default_factory=list)  # evaluation-only versions (no train/loss)
 
     def series(self, name: str) -> tuple[list[int], list[float]]:
         points = sorted(self.values.get(name, {}).items())
@@ -51,23 +62,53 @@ def find_metric_files(run_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
+def _read_metrics(path: Path) -> dict[str, dict[int, float]]:
+    """``name -> {step: value}`` of one ``metrics.csv``; within a file a later row wins."""
+    values: dict[str, dict[int, float]] = {name: {} for name in SERIES}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = row.get("step")
+            if not step:
+                continue
+            for name in SERIES:
+                value = row.get(name)
+                if value not in (None, ""):
+                    number = float(value)
+                    if math.isfinite(number):
+                        values[name][int(float(step))] = number
+    return values
+
+
 def read_curves(run_dir: str | os.PathLike) -> Curves:
+    """Splice the ``metrics.csv`` versions under ``run_dir`` into one run.
+
+    Versions are read in order (``version_N`` number, then modification time). A version with no
+    ``train/loss`` value (``gigagpt validate`` / ``test``) is skipped. A training version whose first
+    ``train/loss`` step is ``s`` first removes every earlier value, of every series, at steps
+    ``>= s``, then adds its own values: what a resumed or restarted run logged replaces whatever an
+    earlier version had logged from that step on, including stale steps past the earlier
+    version's last checkpoint.
+    """
     curves = Curves()
     for path in find_metric_files(run_dir):
+        values = _read_metrics(path)
+        if not values["train/loss"]:
+            curves.skipped.append(path)
+            continue
         curves.sources.append(path)
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                step = row.get("step")
-                if not step:
-                    continue
-                for name in SERIES:
-                    value = row.get(name)
-                    if value not in (None, ""):
-                        number = float(value)
-                        if math.isfinite(number):
-                            curves.values[name][int(float(step))] = number
-    if not curves.values["train/loss"] and not curves.values["val/loss"]:
-        raise ValueError(f"the metrics under {str(run_dir)!r} hold no train/loss or val/loss values yet")
+        first = min(values["train/loss"])
+        for name in SERIES:
+            kept = {step: v for step, v in curves.values[name].items() if step < first}
+            kept.update(values[name])
+            curves.values[name] = kept
+    if not curves.values["train/loss"]:
+        if curves.skipped:
+            raise ValueError(
+                f"the metrics under {str(run_dir)!r} come only from evaluation runs (validate / test), "
+                "which hold no train/loss values: "
+                + ", ".join(str(p) for p in curves.skipped)
+            )
+        raise ValueError(f"the metrics under {str(run_dir)!r} hold no train/loss values yet")
     return curves
 
 
@@ -85,9 +126,12 @@ def _pyplot():
 
 
 def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, title: str | None = None,
-         log_y: bool = False) -> Path:
-    """Write the loss / learning-rate figure of ``run_dir`` to ``output`` (default ``<run_dir>/loss.png``)."""
-    curves = read_curves(run_dir)
+         log_y: bool = False, curves: Curves | None = None) -> Path:
+    """Write the loss / learning-rate figure of ``run_dir`` to ``output`` (default ``<run_dir>/loss.png``).
+
+    ``curves`` defaults to :func:`read_curves` of ``run_dir`` (see there for how versions are spliced).
+    """
+    curves = curves if curves is not None else read_curves(run_dir)
     plt = _pyplot()
     run_dir = Path(run_dir)
     output = Path(output) if output else (run_dir if run_dir.is_dir() else run_dir.parent) / "loss.png"
@@ -144,7 +188,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> Path:
-    path = plot(args.run_dir, args.output, args.title, args.log_y)
-    curves_from = ", ".join(str(p) for p in find_metric_files(args.run_dir))
+    curves = read_curves(args.run_dir)
+    path = plot(args.run_dir, args.output, args.title, args.log_y, curves=curves)
+    curves_from = ", ".join(str(p) for p in curves.sources)
     print(f"wrote {path} (from {curves_from})")
+    if curves.skipped:
+        print("left out evaluation-only runs (validate / test, no train/loss): "
+              + ", ".join(str(p) for p in curves.skipped))
     return path

@@ -114,3 +114,39 @@ def test_lightning_checkpoint_loads_weights_only(builtin_bytes, tmp_path):
     assert ckpt["global_step"] == 3 and "optimizer_states" in ckpt
     model = load_gpt(tmp_path / "checkpoints" / "last.ckpt")
     assert model.config == H.CONFIG
+
+
+def test_find_checkpoint_picks_the_newest_last_version(tmp_path):
+    """A fresh run (``--resume never``) in an old run's folder writes ``last-v1.ckpt`` beside the
+    old ``last.ckpt``; a run folder must resolve to the new one."""
+    from gigagpt.checkpoint import find_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    files = {}
+    for name, step, mtime in [
+        ("last.ckpt", 9, 1_000_000),           # the old run
+        ("step0000009.ckpt", 9, 1_000_000),
+        ("last-v1.ckpt", 3, 2_000_000),        # the fresh run
+        ("step0000003-v1.ckpt", 3, 2_000_000),
+        ("lastly.ckpt", 0, 3_000_000),          # newer, but not a "last" checkpoint
+    ]:
+        files[name] = folder / name
+        atomic_save({"global_step": step, "state_dict": {}}, files[name])
+        os.utime(files[name], (mtime, mtime))
+
+    found = find_checkpoint(tmp_path)
+    assert found == files["last-v1.ckpt"]
+    assert safe_load(found)["global_step"] == 3
+
+    # the old run resumed later: its last.ckpt is newest again
+    os.utime(files["last.ckpt"], (2_500_000, 2_500_000))
+    assert find_checkpoint(tmp_path) == files["last.ckpt"]
+
+    # equal times: the highest version number
+    v2 = folder / "last-v2.ckpt"
+    atomic_save({"global_step": 5, "state_dict": {}}, v2)
+    for path in (files["last.ckpt"], files["last-v1.ckpt"], v2):
+        os.utime(path, (4_000_000, 4_000_000))
+    assert find_checkpoint(tmp_path) == v2
+    assert find_checkpoint(v2) == v2  # a file is itself

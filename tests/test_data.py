@@ -75,6 +75,23 @@ def test_eval_loader_is_sequential_and_bounded(tmp_path):
     assert batches[0][0][0].tolist() == list(range(10))
 
 
+def test_eval_loader_gives_every_rank_the_same_whole_batches(tmp_path):
+    write_tokens(tmp_path, np.arange(1001) % 300)  # 100 windows of 10 tokens
+    counts = [len(build_eval_loader(str(tmp_path / "val.bin"), 10, 30, rank=r, world_size=3)) for r in range(3)]
+    assert counts == [1, 1, 1]  # 90 of the 100 windows: one global batch of 3 x 30
+    write_tokens(tmp_path, np.arange(101) % 300)  # 10 windows of 10 tokens
+    counts = [len(build_eval_loader(str(tmp_path / "val.bin"), 10, 2, rank=r, world_size=3)) for r in range(3)]
+    assert counts == [1, 1, 1]  # 6 windows in whole global batches; round robin over 10 gave 2, 1, 1
+
+
+def test_too_small_split_for_the_devices_names_them(tmp_path):
+    write_tokens(tmp_path, np.arange(81) % 300)  # 10 windows of 8
+    setup_dm(tmp_path, batch_size=5)  # one batch on one device
+    dm = GPTDataModule(path=str(tmp_path), sequence_length=8, batch_size=5)
+    with pytest.raises(DataConfigError, match=r"fewer than one batch \(data.batch_size=5 on each of 3 devices\)"):
+        dm.resolve(world_size=3)
+
+
 # -- every bad input has a clear error naming the setting ---------------------------------------------
 def setup_dm(path, vocab=None, max_pos=None, **kw):
     dm = GPTDataModule(path=str(path), **{"sequence_length": 8, "batch_size": 2, **kw})

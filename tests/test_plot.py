@@ -64,3 +64,77 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     with pytest.raises(RuntimeError, match=r"pip install 'gigagpt\[plot\]'"):
         _pyplot()
+
+
+COLUMNS = ["epoch", "step", "train/loss", "train/lr", "train/tokens", "val/loss", "val/ppl"]
+
+
+def write_version(root, n, train=(), val=()):
+    """``<root>/logs/version_<n>/metrics.csv`` laid out as CSVLogger writes it: one row per logged step.
+
+    ``train`` is ``[(step, loss)]`` (lr and tokens derived from the step), ``val`` ``[(step, loss)]``.
+    """
+    folder = root / "logs" / f"version_{n}"
+    folder.mkdir(parents=True)
+    lines = [",".join(COLUMNS)]
+    for step, loss in train:
+        lines.append(f"0,{step},{loss},{1e-3 * (step + 1)},{64 * (step + 1)},,")
+    for step, loss in val:
+        lines.append(f"0,{step},,,,{loss},{2.718281828 ** loss}")
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return folder / "metrics.csv"
+
+
+def test_evaluation_only_versions_are_left_out(tmp_path, capsys):
+    """``gigagpt validate`` after training writes a version holding only val/loss at step 0."""
+    pytest.importorskip("matplotlib")
+    fit = write_version(tmp_path, 0, train=[(s, 5.0 - 0.2 * s) for s in range(10)], val=[(4, 4.5), (9, 3.5)])
+    validate = write_version(tmp_path, 1, val=[(0, 3.5)])
+    test = write_version(tmp_path, 2, val=[(0, 3.4)])
+
+    curves = read_curves(tmp_path)
+    assert curves.sources == [fit] and curves.skipped == [validate, test]
+    assert curves.series("val/loss") == ([4, 9], [4.5, 3.5])
+    assert curves.series("train/loss")[0] == list(range(10))
+
+    from gigagpt.cli import cli_main
+
+    cli_main(["plot", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert f"from {fit})" in printed
+    assert "left out evaluation-only runs" in printed and str(validate) in printed and str(test) in printed
+    assert png_size(tmp_path / "loss.png") == (1080, 840)
+
+    only_eval = tmp_path / "eval_only"
+    write_version(only_eval, 0, val=[(0, 3.5)])
+    with pytest.raises(SystemExit, match="only from evaluation runs"):
+        cli_main(["plot", str(only_eval)])
+
+
+def test_resumed_version_replaces_stale_steps(tmp_path):
+    """Crashed at step 9 after the checkpoint of step 6: steps 7..9 of version_0 are stale."""
+    write_version(tmp_path, 0, train=[(s, 10.0 + s) for s in range(10)], val=[(3, 20.0), (7, 21.0)])
+    write_version(tmp_path, 1, train=[(s, 30.0 + s) for s in range(7, 12)], val=[(11, 40.0)])
+
+    curves = read_curves(tmp_path)
+    assert curves.series("train/loss") == (
+        list(range(12)), [10.0 + s for s in range(7)] + [30.0 + s for s in range(7, 12)]
+    )
+    assert curves.series("val/loss") == ([3, 11], [20.0, 40.0])  # stale val at 7 is gone
+    steps, lr = curves.series("train/lr")
+    assert steps == list(range(12))
+    assert curves.series("train/tokens")[1][-1] == 64 * 12
+
+
+def test_fresh_run_in_same_folder_replaces_the_old_run(tmp_path):
+    """``--resume never`` into the same folder: the new version starts at step 0 and runs 4 steps;
+    nothing of the old, longer run may survive past them."""
+    write_version(tmp_path, 0, train=[(s, 10.0) for s in range(20)], val=[(9, 11.0), (19, 12.0)])
+    write_version(tmp_path, 1, train=[(s, 1.0) for s in range(4)], val=[(3, 2.0)])
+    write_version(tmp_path, 2, val=[(0, 2.0)])  # and a validate run afterwards
+
+    curves = read_curves(tmp_path)
+    assert curves.series("train/loss") == ([0, 1, 2, 3], [1.0] * 4)
+    assert curves.series("val/loss") == ([3], [2.0])
+    assert curves.series("train/lr")[0] == [0, 1, 2, 3]
+    assert curves.series("train/tokens")[0] == [0, 1, 2, 3]
