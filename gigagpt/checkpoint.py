@@ -170,6 +170,28 @@ def model_state_dict(state_dict: dict, prefix: str = "model.") -> dict:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+# The GPTConfig fields that fix tensor shapes; the others (dropout, activation, vocab padding,
+# init) may change when a run is resumed.
+SHAPE_FIELDS = ("vocab_size", "max_position_embeddings", "depth", "width", "heads", "bias")
+
+
+def shape_differences(path: str | os.PathLike, config: GPTConfig) -> list[str]:
+    """``field: checkpoint value -> config value`` for every shape setting that differs.
+
+    Reads only the hyperparameters: the file is memory-mapped, its tensors are not loaded.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint, unreadable: Lightning's own loading reports it
+        return []
+    saved = (ckpt.get("hyper_parameters") or {}).get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(saved, dict):
+        return []
+    current = config.to_dict()
+    return [f"{name} {saved[name]} -> {current[name]}" for name in SHAPE_FIELDS
+            if name in saved and saved[name] != current[name]]
+
+
 def check_shapes(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
     """Raise a clear error naming every missing, unexpected or mis-shaped tensor."""
     expected = model.state_dict()

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from accelerators.errors import CerebrasError
 from callbacks import NonFiniteGuard, StepSeed, TextSamples, ThroughputMFU
-from gigagpt.checkpoint import AtomicCheckpointIO
+from gigagpt.checkpoint import AtomicCheckpointIO, shape_differences
 from gigagpt.commands import EXTRA_COMMANDS, run_extra
 from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.module import GPTModule
@@ -65,13 +65,26 @@ class GigaCLI(LightningCLI):
 
     def before_fit(self) -> None:
         config = self.config_init["fit"]
+        # (An explicit --ckpt_path needs no check: LightningCLI rebuilds the model from its hparams.)
         if config.get("ckpt_path") is not None or config.get("resume", "auto") != "auto":
             return
         found = last_checkpoints(self.trainer)
         if found:
-            rank_zero_info(f"gigagpt: resuming from {max(found, key=lambda p: p.stat().st_mtime)} "
-                           "(--resume never to start fresh)")
+            newest = max(found, key=lambda p: p.stat().st_mtime)
+            self._check_resume(newest)
+            rank_zero_info(f"gigagpt: resuming from {newest} (--resume never to start fresh)")
             config["ckpt_path"] = "last"
+
+    def _check_resume(self, path: Path) -> None:
+        """Refuse, in one line, to resume a checkpoint of a differently shaped model."""
+        config = getattr(self.model, "config", None)
+        if path.suffix != ".ckpt" or config is None:
+            return
+        differences = shape_differences(path, config)
+        if differences:
+            raise SystemExit(f"gigagpt: cannot resume from {path}: it holds a different model "
+                             f"({', '.join(differences)}); resume with the model.config it was trained "
+                             "with, or start fresh with --resume never (or another checkpoint.dirpath)")
 
 
 def last_checkpoints(trainer) -> list[Path]:

@@ -1,9 +1,13 @@
 """Text -> ``train.bin`` / ``val.bin`` token files (+ ``meta.json``).
 
-Streaming: documents are read, tokenized and appended in batches of a few MB, so memory stays
-bounded on a corpus larger than RAM. Tokenization runs on all cores (tiktoken's batch encoder
-releases the GIL) and overlaps with writing. Each output is written under a temporary name and
-renamed only when complete, so an interrupted run never leaves a file that looks finished.
+Streaming: text files are read in blocks, documents are cut into *pieces* of at most
+``PIECE_BYTES`` bytes (at a newline where the piece holds one), and pieces are tokenized and
+appended in batches of about a MB, so memory stays bounded on a corpus (or a single file) larger
+than RAM. Tokenization runs on all cores (tiktoken's batch encoder releases the GIL) and overlaps
+with writing. The piece is the unit of the train/val split, so a single ``input.txt`` splits too;
+the end-of-text token follows only the last piece of each document. Each output is written under
+a temporary name and renamed only when complete, so an interrupted run never leaves a file that
+looks finished.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ import numpy as np
 from gigagpt.tokenizer import Tokenizer, get_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")
+# The unit of the train/val split. Small enough that a ~1 MB file splits with roughly the asked
+# proportions and that a batch holds several pieces to tokenize in parallel; large enough that the
+# per-piece work (a draw, a cut) is nothing next to tokenizing it.
+PIECE_BYTES = 1 << 16
+BLOCK_CHARS = 1 << 20  # text files are read this many characters at a time
 
 
 # -- sources -----------------------------------------------------------------------------------------
@@ -51,8 +60,19 @@ def input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def file_documents(files: Iterable[Path]) -> Iterator[tuple[str, int]]:
-    """(document, bytes read) pairs: a ``.jsonl`` line's ``text`` field, or a whole text file."""
+def text_blocks(path: str | os.PathLike, block_chars: int = BLOCK_CHARS) -> Iterator[str]:
+    """A text file as consecutive blocks of at most ``block_chars`` characters, read lazily (the file
+    is opened on the first ``next``). Decoded as ``read_text`` would: UTF-8, invalid bytes replaced,
+    universal newlines."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while block := f.read(block_chars):
+            yield block
+
+
+def file_documents(files: Iterable[Path], block_chars: int = BLOCK_CHARS
+                   ) -> Iterator[tuple[str | Iterator[str], int]]:
+    """(document, bytes) pairs: a ``.jsonl`` line's ``text`` field (a ``str``), or a text file as
+    an iterator of blocks (``text_blocks``: never read whole)."""
     for path in files:
         if path.suffix == ".jsonl":
             with open(path, encoding="utf-8") as f:
@@ -68,7 +88,58 @@ def file_documents(files: Iterable[Path]) -> Iterator[tuple[str, int]]:
                         ) from None
                     yield text, len(line.encode("utf-8"))
         else:
-            yield path.read_text(encoding="utf-8", errors="replace"), path.stat().st_size
+            yield text_blocks(path, block_chars), path.stat().st_size
+
+
+def _cut(blocks: Iterable[str | bytes], piece_bytes: int) -> Iterator[tuple[bytes, bool]]:
+    """A document given as blocks of text (or of valid UTF-8) -> (UTF-8 piece, is it the
+    document's last) pairs.
+
+    Each piece but the last holds more than zero and at most ``piece_bytes`` bytes, ending after
+    its last newline when it holds one, else at a character boundary. The last piece is the rest
+    (empty only for an empty document). At most ``piece_bytes`` plus one block is held at a time.
+    """
+    buf = b""
+    for block in blocks:
+        data = block.encode("utf-8", "surrogatepass") if isinstance(block, str) else block
+        buf = buf + data if buf else data
+        pos = 0
+        while len(buf) - pos > piece_bytes:
+            limit = pos + piece_bytes
+            end = buf.rfind(b"\n", pos, limit) + 1
+            if end == 0:  # no newline: back off continuation bytes (10xxxxxx) to a character start
+                end = limit
+                while (buf[end] & 0xC0) == 0x80:
+                    end -= 1
+            yield buf[pos:end], False
+            pos = end
+        buf = buf[pos:]
+    yield buf, True
+
+
+def _pieces(documents: Iterable[tuple[str | Iterable[str], int]], piece_bytes: int
+            ) -> Iterator[tuple[str, int, bool]]:
+    """(piece text, bytes, is it its document's last piece) for every piece of ``documents``.
+
+    A piece's bytes are its UTF-8 length, but the last piece of a document is counted as what is
+    left of the document's given size (so the sizes add up to the input's, for the progress bar).
+    """
+    quick = piece_bytes // 4  # a str of at most this many characters fits in one piece
+    for doc, nbytes in documents:
+        if isinstance(doc, str):
+            if len(doc) <= quick:
+                yield doc, nbytes, True
+                continue
+            data = doc.encode("utf-8", "surrogatepass")  # JSON may hold lone surrogates
+            if len(data) <= piece_bytes:
+                yield doc, nbytes, True
+                continue
+            doc = (data,)
+        counted = 0
+        for piece, last in _cut(doc, piece_bytes):
+            size = max(nbytes - counted, 0) if last else len(piece)
+            counted += size
+            yield piece.decode("utf-8", "surrogatepass"), size, last
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -85,12 +156,19 @@ class _AtomicTokenFile:
         self.file = open(self.tmp, "wb")
         self.count, self.max_id = 0, -1
 
-    def write(self, docs: list[list[int]], eot: int) -> None:
-        if not docs:
+    def write(self, pieces: list[list[int]], ends: list[bool], eot: int) -> None:
+        """Appends ``pieces``, each followed by ``eot`` where ``ends`` says it ends a document."""
+        if not pieces:
             return
-        total = sum(map(len, docs)) + len(docs)
+        total = sum(map(len, pieces)) + sum(ends)
+        if total == 0:
+            return
         arr = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain(d, (eot,)) for d in docs), self.dtype, total
+            itertools.chain.from_iterable(
+                itertools.chain(p, (eot,)) if e else p for p, e in zip(pieces, ends)
+            ),
+            self.dtype,
+            total,
         )
         arr.tofile(self.file)
         self.count += total
@@ -113,20 +191,22 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _batches(docs: Iterable[tuple[str, int]], batch_bytes: int) -> Iterator[tuple[list[str], int]]:
-    batch, size = [], 0
-    for text, nbytes in docs:
+def _batches(pieces: Iterable[tuple[str, int, bool]], batch_bytes: int
+             ) -> Iterator[tuple[list[str], list[bool], int]]:
+    batch, ends, size = [], [], 0
+    for text, nbytes, last in pieces:
         batch.append(text)
+        ends.append(last)
         size += nbytes
         if size >= batch_bytes:
-            yield batch, size
-            batch, size = [], 0
+            yield batch, ends, size
+            batch, ends, size = [], [], 0
     if batch:
-        yield batch, size
+        yield batch, ends, size
 
 
 def prepare(
-    documents: Iterable[tuple[str, int]],
+    documents: Iterable[tuple[str | Iterable[str], int]],
     output: str | os.PathLike,
     tokenizer: Tokenizer,
     val_fraction: float = 0.0005,
@@ -136,21 +216,31 @@ def prepare(
     total_bytes: int | None = None,
     progress: bool = True,
     source: str = "",
+    piece_bytes: int = PIECE_BYTES,
 ) -> dict:
     """Tokenize ``documents`` into ``output/{train,val}.bin`` and ``meta.json``; returns the meta.
 
-    Each document goes to val with probability ``val_fraction`` (a seeded, deterministic draw in
-    document order) and ends with the tokenizer's end-of-text token.
+    ``documents`` yields (text, bytes) pairs, the text a ``str`` or an iterable of ``str`` blocks
+    (``text_blocks``: a file read lazily). Each document is cut into pieces of at most
+    ``piece_bytes`` UTF-8 bytes (at a newline where one exists), and the last piece of each is
+    followed by the tokenizer's end-of-text token. Each piece goes to val with probability
+    ``val_fraction`` (a seeded, deterministic draw in piece order). The latest piece is held back
+    until the next one comes: if, at the end, val (with ``val_fraction > 0``) or train is still
+    empty, that last piece goes there instead, so with 2 pieces or more neither split is empty.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if piece_bytes < 4:
+        raise ValueError(f"--piece-bytes must be at least 4 (one UTF-8 character), got {piece_bytes}")
     num_threads = num_threads or os.cpu_count() or 1
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
+    eot = tokenizer.eot_token
     files = {s: _AtomicTokenFile(out / f"{s}.bin", dtype) for s in ("train", "val")}
     rng = random.Random(seed)
     n_docs = {"train": 0, "val": 0}
+    n_pieces = {"train": 0, "val": 0}
     read = 0
     start = time.perf_counter()
     bar = _progress(progress, total_bytes)
@@ -158,31 +248,48 @@ def prepare(
     def encode(batch: list[str]) -> list[list[int]]:
         return tokenizer.encode_batch(batch, num_threads=num_threads)
 
+    def write(split: str, pieces: list[list[int]], ends: list[bool]) -> None:
+        files[split].write(pieces, ends, eot)
+        n_pieces[split] += len(pieces)
+        n_docs[split] += sum(ends)
+
     try:
+        held = None  # (ids, ends the document, drawn split) of the latest piece, not yet written
+        batches = _batches(_pieces(documents, piece_bytes), batch_bytes)
         with ThreadPoolExecutor(1) as pool:
             pending = None  # encode batch n+1 while batch n is converted and written
-            for texts, nbytes in itertools.chain(_batches(documents, batch_bytes), [(None, 0)]):
+            for texts, ends, nbytes in itertools.chain(batches, [(None, None, 0)]):
                 future = pool.submit(encode, texts) if texts is not None else None
                 if pending is not None:
-                    done_texts, done_bytes, done_future = pending
-                    ids = done_future.result()
-                    splits = {"train": [], "val": []}
-                    for doc in ids:
-                        split = "val" if rng.random() < val_fraction else "train"
-                        splits[split].append(doc)
-                    for split, docs in splits.items():
-                        files[split].write(docs, tokenizer.eot_token)
-                        n_docs[split] += len(docs)
+                    done_ends, done_bytes, done_future = pending
+                    splits = {"train": ([], []), "val": ([], [])}
+                    for ids, last in zip(done_future.result(), done_ends):
+                        if held is not None:
+                            split_ids, split_ends = splits[held[2]]
+                            split_ids.append(held[0])
+                            split_ends.append(held[1])
+                        held = (ids, last, "val" if rng.random() < val_fraction else "train")
+                    for split, (pieces, piece_ends) in splits.items():
+                        write(split, pieces, piece_ends)
                     read += done_bytes
                     bar.update(read)
-                pending = (texts, nbytes, future) if texts is not None else None
+                pending = (ends, nbytes, future) if texts is not None else None
+        if held is None:
+            raise ValueError("no training text: the inputs were empty")
+        if val_fraction > 0 and sum(n_pieces.values()) == 0:
+            raise ValueError(
+                f"the text fits in one piece (at most {piece_bytes:,} bytes; pieces are the unit of "
+                f"the train/val split), so it cannot be split for --val-fraction {val_fraction}: "
+                "give more text, a smaller --piece-bytes, or --val-fraction 0"
+            )
+        ids, last, split = held
+        if val_fraction > 0 and n_pieces["val"] == 0:
+            split = "val"
+        elif n_pieces["train"] == 0:
+            split = "train"
+        write(split, [ids], [last])
         if files["train"].count == 0:
             raise ValueError("no training text: the inputs were empty")
-        if val_fraction > 0 and files["val"].count == 0:
-            raise ValueError(
-                f"no document fell into the validation split ({n_docs['train']} documents, "
-                f"--val-fraction {val_fraction}); raise --val-fraction or add documents"
-            )
         for f in files.values():
             f.commit()
     except BaseException:
@@ -194,13 +301,17 @@ def prepare(
     seconds = time.perf_counter() - start
     meta = {
         "tokenizer": tokenizer.name,
+        # the local ranks file, if any: what the training-time TextSamples load offline
+        "tokenizer_file": tokenizer.source_file,
         "vocab_size": tokenizer.vocab_size,
-        "eot_token": tokenizer.eot_token,
+        "eot_token": eot,
         "dtype": dtype,
         "train_tokens": files["train"].count,
         "val_tokens": files["val"].count,
-        "train_documents": n_docs["train"],
+        "train_documents": n_docs["train"],  # documents that end in each split (its end-of-text tokens)
         "val_documents": n_docs["val"],
+        "pieces": dict(n_pieces),
+        "piece_bytes": piece_bytes,
         "train_max_token_id": files["train"].max_id,
         "val_max_token_id": files["val"].max_id,
         "val_fraction": val_fraction,
@@ -251,7 +362,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'gpt2' (default), 'bytes', or a path to a GPT-2 .tiktoken file "
                              "(default with --builtin: bytes)")
     parser.add_argument("--val-fraction", type=float, default=None,
-                        help="share of documents held out for validation (default 0.0005; 0.1 with --builtin)")
+                        help="share of the text held out for validation, drawn piece by piece (default "
+                             "0.0005; 0.1 with --builtin; 0: no validation split)")
+    parser.add_argument("--piece-bytes", type=int, default=PIECE_BYTES,
+                        help="documents are cut into pieces of at most this many bytes, at newlines "
+                             f"where possible, the unit of the train/val split (default {PIECE_BYTES})")
     parser.add_argument("--seed", type=int, default=2357, help="seed of the train/val split")
     parser.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -264,7 +379,8 @@ def main(args: argparse.Namespace) -> dict:
         output = args.output or "data/builtin"
         tokenizer = get_tokenizer(args.tokenizer or "bytes")
         docs = ((d, len(d.encode("utf-8"))) for d in builtin_documents())
-        total, source, val_fraction = None, "builtin:pydoc_data.topics", args.val_fraction or 0.1
+        total, source = None, "builtin:pydoc_data.topics"
+        val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
     else:
         if not args.output:
             raise SystemExit("gigagpt prepare: --output is required with input files")
@@ -276,7 +392,7 @@ def main(args: argparse.Namespace) -> dict:
         source = ",".join(str(i) for i in args.inputs)
         val_fraction = 0.0005 if args.val_fraction is None else args.val_fraction
     meta = prepare(docs, output, tokenizer, val_fraction=val_fraction, seed=args.seed,
-                   num_threads=args.threads, total_bytes=total,
+                   num_threads=args.threads, total_bytes=total, piece_bytes=args.piece_bytes,
                    progress=not args.no_progress and sys.stderr.isatty(), source=source)
     mb = meta["text_bytes"] / 1e6
     print(

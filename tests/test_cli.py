@@ -62,6 +62,17 @@ def test_checkpoint_rebuilds_the_model(tiny_run):
     assert gpt.lm_head.weight is gpt.wte.weight
 
 
+def test_auto_resume_into_a_differently_shaped_model_is_one_clear_line(tiny_run, tmp_path):
+    run, _ = tiny_run
+    proc = run_gigagpt("fit", "--config", str(ROOT / "configs/tiny.yaml"), "--data.path=unused",
+                       "--model.config.width=64", "--model.config.depth=2", "--trainer.logger=false",
+                       f"--trainer.default_root_dir={tmp_path}", f"--checkpoint.dirpath={run}/checkpoints",
+                       cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "cannot resume from" in proc.stderr and "depth 4 -> 2, width 128 -> 64" in proc.stderr
+    assert "--resume never" in proc.stderr
+
+
 def test_config_saved_beside_the_run(tiny_run):
     run, _ = tiny_run
     assert list(run.rglob("config.yaml"))

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from conftest import GPT2_TIKTOKEN, run_gigagpt
 
-from gigagpt.prepare import builtin_documents, file_documents, input_files, prepare, token_dtype
+from gigagpt.prepare import (
+    PIECE_BYTES,
+    builtin_documents,
+    file_documents,
+    input_files,
+    prepare,
+    text_blocks,
+    token_dtype,
+)
 from gigagpt.tokenizer import GPT2_EOT, bytes_tokenizer, get_tokenizer, gpt2_from_file
 
 
@@ -91,7 +99,8 @@ def test_folders_files_and_jsonl(tmp_path):
     jl.write_text(json.dumps({"text": "gamma"}) + "\n\n" + json.dumps({"text": "delta", "id": 2}) + "\n")
     files = input_files([src, jl])
     assert [f.name for f in files] == ["a.txt", "b.md", "c.jsonl"]
-    assert [d for d, _ in file_documents(files)] == ["alpha text", "beta text", "gamma", "delta"]
+    docs = [d if isinstance(d, str) else "".join(d) for d, _ in file_documents(files)]
+    assert docs == ["alpha text", "beta text", "gamma", "delta"]
 
 
 def test_bad_jsonl_line_is_named(tmp_path):
@@ -134,3 +143,161 @@ def test_prepare_command_end_to_end(tmp_path):
     assert meta["tokenizer"] == "gpt2" and meta["train_documents"] + meta["val_documents"] == 40
     bad = run_gigagpt("prepare", str(tmp_path / "missing"), "--output", str(tmp_path / "o2"), check=False)
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- pieces: the unit of the train/val split ---------------------------------------------------------
+def _mixed_text(n_bytes: int, seed: int = 0) -> str:
+    """Unique numbered lines of mixed width (1-4 byte characters), some longer than a piece and
+    without a newline, so cuts fall at newlines and inside lines next to multi-byte characters."""
+    rng = np.random.default_rng(seed)
+    chars = ["a", "b", " ", "é", "ß", "€", "中", "😀", "𝄞"]
+    parts, size, i = [], 0, 0
+    while size < n_bytes:
+        width = int(rng.choice([20, 80, 300, 2500]))
+        line = f"{i:05d} " + "".join(rng.choice(chars, width)) + "\n"
+        parts.append(line)
+        size += len(line.encode())
+        i += 1
+    return "".join(parts)
+
+
+def _reference_pieces(data: bytes, piece_bytes: int) -> list[bytes]:
+    """The cutting rule, spelled out: up to the last newline within the piece, else at the last
+    character start."""
+    pieces = []
+    while len(data) > piece_bytes:
+        cut = data.rfind(b"\n", 0, piece_bytes) + 1 or next(
+            k for k in range(piece_bytes, 0, -1) if data[k] & 0xC0 != 0x80
+        )
+        pieces.append(data[:cut])
+        data = data[cut:]
+    return pieces + [data]
+
+
+def _assign(pieces: list[bytes], train: bytes, val: bytes) -> list[str]:
+    """Which split each piece (in order) went to, requiring the splits to be exactly the pieces
+    in order (nothing lost, duplicated or reordered)."""
+    where, rest = [], {"train": train, "val": val}
+    for piece in pieces:
+        split = next(s for s in ("train", "val") if rest[s].startswith(piece))
+        rest[split] = rest[split][len(piece):]
+        where.append(split)
+    assert rest == {"train": b"", "val": b""}
+    return where
+
+
+def _splits(folder) -> tuple[np.ndarray, np.ndarray, dict]:
+    meta = json.loads((folder / "meta.json").read_text())
+    return (np.fromfile(folder / "train.bin", dtype="<u2"), np.fromfile(folder / "val.bin", dtype="<u2"), meta)
+
+
+def test_text_file_is_read_in_blocks(tmp_path):
+    text = _mixed_text(20_000)
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    blocks = list(text_blocks(tmp_path / "a.txt", 777))
+    assert "".join(blocks) == text and max(map(len, blocks)) == 777 and len(blocks) == -(-len(text) // 777)
+
+
+def test_single_file_is_cut_into_pieces_that_lose_nothing(tmp_path):
+    text = _mixed_text(50_000)
+    path = tmp_path / "input.txt"
+    path.write_text(text, encoding="utf-8")
+    data = text.encode()
+    meta = prepare(file_documents([path], block_chars=777), tmp_path / "out", bytes_tokenizer(),
+                   val_fraction=0.2, seed=3, progress=False, piece_bytes=1000, total_bytes=len(data))
+    train, val, _ = _splits(tmp_path / "out")
+    pieces = _reference_pieces(data, 1000)
+    assert len(pieces) > 50 and all(len(p) <= 1000 for p in pieces)
+    assert sum(not p.endswith(b"\n") for p in pieces) > 5  # some cuts inside long lines
+    for p in pieces:
+        p.decode("utf-8")  # never inside a character
+    # one document: one end-of-text token, after the last piece
+    assert (train == 0).sum() + (val == 0).sum() == 1 == meta["train_documents"] + meta["val_documents"]
+    where = _assign(pieces, train[train != 0].astype(np.uint8).tobytes(), val[val != 0].astype(np.uint8).tobytes())
+    assert (train if where[-1] == "train" else val)[-1] == 0
+    assert meta["pieces"] == {"train": where.count("train"), "val": where.count("val")}
+    assert 0.1 < len(val) / len(data) < 0.3 and meta["text_bytes"] == len(data)
+    assert meta["train_tokens"] + meta["val_tokens"] == len(data) + 1
+
+
+def test_eot_count_is_the_document_count(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    texts = [_mixed_text(n, seed=n) for n in (300, 4_000, 9_000)]
+    for i, t in enumerate(texts):
+        (src / f"{i}.txt").write_text(t, encoding="utf-8")
+    (src / "empty.txt").write_text("")
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("short", _mixed_text(5_000, seed=7))))
+    files = input_files([src, jl])
+    meta = prepare(file_documents(files), tmp_path / "out", bytes_tokenizer(), val_fraction=0.3, seed=1,
+                   progress=False, piece_bytes=1000)
+    train, val, _ = _splits(tmp_path / "out")
+    assert (train == 0).sum() + (val == 0).sum() == 6 == meta["train_documents"] + meta["val_documents"]
+    assert len(train) + len(val) == sum(len(t.encode()) for t in texts) + len("short") + len(
+        _mixed_text(5_000, seed=7).encode()) + 6
+    assert meta["pieces"]["train"] > 0 and meta["pieces"]["val"] > 0
+
+
+def test_piece_split_is_deterministic_and_seeded(tmp_path):
+    text = _mixed_text(30_000)
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+
+    def run(name, seed):
+        prepare(file_documents([tmp_path / "a.txt"]), tmp_path / name, bytes_tokenizer(), val_fraction=0.3,
+                seed=seed, progress=False, piece_bytes=1000)
+        return [(tmp_path / name / f).read_bytes() for f in ("train.bin", "val.bin")]
+
+    assert run("a", 5) == run("b", 5) != run("c", 6)
+
+
+def test_validation_split_is_never_empty_and_train_neither(tmp_path):
+    two = [("first document", 14), ("second document", 15)]
+    # a tiny fraction: no piece is drawn for val, so the last one goes there
+    low = prepare(iter(two), tmp_path / "low", bytes_tokenizer(), val_fraction=1e-9, progress=False)
+    assert low["pieces"] == {"train": 1, "val": 1} and low["val_tokens"] == len("second document") + 1
+    # a huge fraction: every piece is drawn for val, so the last one goes to train
+    high = prepare(iter(two), tmp_path / "high", bytes_tokenizer(), val_fraction=0.999999, progress=False)
+    assert high["pieces"] == {"train": 1, "val": 1} and high["train_tokens"] == len("second document") + 1
+    # the same inside a batch holding both pieces, and across batches of one piece
+    again = prepare(iter(two), tmp_path / "again", bytes_tokenizer(), val_fraction=1e-9, progress=False,
+                    batch_bytes=1)
+    assert {**again, "seconds": 0} == {**low, "seconds": 0}
+
+
+def test_single_file_with_the_command(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(_mixed_text(3 * PIECE_BYTES), encoding="utf-8")
+    run_gigagpt("prepare", str(tmp_path / "corpus" / "a.txt"), "--output", str(tmp_path / "d"),
+                "--tokenizer", "bytes", "--val-fraction", "0.2", "--no-progress")
+    train, val, meta = _splits(tmp_path / "d")
+    assert len(train) > 0 and len(val) > 0 and meta["pieces"]["train"] + meta["pieces"]["val"] >= 3
+    # a folder of small files with the default fraction: val still gets a piece
+    for i in range(50):
+        (tmp_path / "corpus" / f"{i:02d}.txt").write_text(f"file {i}\n" * 50)
+    run_gigagpt("prepare", str(tmp_path / "corpus"), "--output", str(tmp_path / "e"), "--tokenizer", "bytes",
+                "--no-progress")
+    train, val, meta = _splits(tmp_path / "e")
+    assert meta["val_fraction"] == 0.0005 and meta["pieces"]["val"] >= 1 and len(val) > 0
+    assert meta["train_documents"] + meta["val_documents"] == 51
+
+
+def test_text_in_one_piece_cannot_be_split(tmp_path):
+    (tmp_path / "tiny.txt").write_text("a tiny corpus\n" * 10)
+    args = ["prepare", str(tmp_path / "tiny.txt"), "--output", str(tmp_path / "out"), "--tokenizer", "bytes",
+            "--no-progress"]
+    bad = run_gigagpt(*args, "--val-fraction", "0.2", check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "one piece" in bad.stderr and "--piece-bytes" in bad.stderr and "--val-fraction 0" in bad.stderr
+    assert not list((tmp_path / "out").iterdir())
+    run_gigagpt(*args, "--val-fraction", "0.2", "--piece-bytes", "64")  # smaller pieces: it splits
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["val_tokens"] > 0
+    run_gigagpt(*args, "--val-fraction", "0")  # or no validation split
+    assert (tmp_path / "out" / "val.bin").stat().st_size == 0
+
+
+def test_builtin_with_val_fraction_zero_has_no_val_split(tmp_path):
+    run_gigagpt("prepare", "--builtin", "--output", str(tmp_path / "b"), "--val-fraction", "0", "--no-progress")
+    train, val, meta = _splits(tmp_path / "b")
+    assert meta["val_fraction"] == 0 and meta["val_tokens"] == 0 and len(val) == 0
+    assert meta["pieces"]["val"] == 0 and meta["train_documents"] == len(list(builtin_documents()))
