@@ -240,8 +240,11 @@ class GPTDataModule(L.LightningDataModule):
 
     # -- validation of settings ------------------------------------------------------------------
     def resolve(self, vocab_size: int | None = None, max_positions: int | None = None,
-                world_size: int = 1) -> ResolvedData:
-        """Check every setting against the files and the model; raise DataConfigError if wrong."""
+                world_size: int = 1, check_val: bool = True) -> ResolvedData:
+        """Check every setting against the files and the model; raise DataConfigError if wrong.
+
+        ``check_val=False`` (training without validation) leaves ``val.bin`` unchecked.
+        """
         path = str(self.path)
         if any(marker.lower() in path.lower() for marker in PLACEHOLDER_MARKERS):
             raise DataConfigError(
@@ -267,7 +270,13 @@ class GPTDataModule(L.LightningDataModule):
         meta = read_meta(folder)
         dtype = meta.get("dtype", "uint16")
         files = ResolvedData(str(folder / "train.bin"), str(folder / "val.bin"), dtype, meta)
-        for split in ("train", "val"):
+        for split in ("train", "val") if check_val else ("train",):
+            if split == "val" and meta.get("val_tokens") == 0:
+                raise DataConfigError(
+                    f"val.bin in {path!r} is empty: it was prepared with --val-fraction "
+                    f"{meta.get('val_fraction', 0)}; train without validation "
+                    "(--trainer.limit_val_batches 0) or prepare again with --val-fraction > 0"
+                )
             tokens = open_tokens(getattr(files, split), dtype)
             windows = (len(tokens) - 1) // self.sequence_length
             if windows < self.batch_size * world_size:
@@ -300,6 +309,8 @@ class GPTDataModule(L.LightningDataModule):
             getattr(model_config, "vocab_size", None),
             getattr(model_config, "max_position_embeddings", None),
             world_size=self._rank_world()[1],
+            # fit without validation needs no val.bin (e.g. data prepared with --val-fraction 0)
+            check_val=not (stage == "fit" and self.trainer is not None and self.trainer.limit_val_batches == 0),
         )
 
     # -- loaders -----------------------------------------------------------------------------------

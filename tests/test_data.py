@@ -92,6 +92,27 @@ def test_too_small_split_for_the_devices_names_them(tmp_path):
         dm.resolve(world_size=3)
 
 
+def test_data_without_a_val_split_trains_without_validation(tmp_path):
+    """`gigagpt prepare --val-fraction 0`: an empty val.bin, fine for fit with limit_val_batches=0."""
+    import lightning as L
+
+    from gigagpt.model import GPTConfig
+    from gigagpt.module import GPTModule
+    from gigagpt.prepare import builtin_documents, prepare
+    from gigagpt.tokenizer import get_tokenizer
+
+    docs = ((d, len(d)) for d in list(builtin_documents())[:40])
+    prepare(docs, tmp_path, get_tokenizer("bytes"), val_fraction=0.0, progress=False)
+    dm = GPTDataModule(path=str(tmp_path), sequence_length=32, batch_size=4)
+    with pytest.raises(DataConfigError, match=r"--val-fraction 0.0; train without validation \(--trainer.limit_val"):
+        dm.resolve()
+    module = GPTModule(GPTConfig(vocab_size=256, max_position_embeddings=32, depth=1, width=32, heads=2))
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    assert trainer.global_step == 2
+
+
 # -- every bad input has a clear error naming the setting ---------------------------------------------
 def setup_dm(path, vocab=None, max_pos=None, **kw):
     dm = GPTDataModule(path=str(path), **{"sequence_length": 8, "batch_size": 2, **kw})
