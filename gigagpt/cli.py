@@ -21,6 +21,7 @@ from callbacks import NonFiniteGuard, StepSeed, TextSamples, ThroughputMFU
 from gigagpt.checkpoint import AtomicCheckpointIO, shape_differences
 from gigagpt.commands import EXTRA_COMMANDS, run_extra
 from gigagpt.data import DataConfigError, GPTDataModule
+from gigagpt.errors import ConfigError
 from gigagpt.module import GPTModule
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
@@ -123,6 +124,23 @@ def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
         raise SystemExit(f"gigagpt: data error: {err}") from None
     except CerebrasError as err:  # missing cerebras-pytorch, no cluster, refused checkpoint: one line
         raise SystemExit(f"gigagpt: {err}") from None
+    except Exception as err:
+        # A wrong model/optimizer/schedule setting, possibly wrapped by the argument parser.
+        cause = _config_error(err)
+        if cause is None:
+            raise
+        raise SystemExit(f"gigagpt: {cause}") from None
+
+
+def _config_error(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError in ``err``'s chain of causes, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def main() -> None:

@@ -23,10 +23,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from gigagpt.errors import ConfigError
+
 PLACEHOLDER_MARKERS = ("/path/to", "<path", "path/to/", "changeme", "YOUR_")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(ConfigError):
     """A data setting is wrong; the message names the setting and the fix."""
 
 

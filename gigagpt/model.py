@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gigagpt.errors import ConfigError
+
 
 @dataclass
 class GPTConfig:
@@ -43,16 +45,16 @@ class GPTConfig:
         for name in ("vocab_size", "max_position_embeddings", "depth", "width", "heads", "vocab_pad_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"model.config.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"model.config.{name} must be a positive integer, got {value!r}")
         if self.width % self.heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.config.width ({self.width}) must be divisible by model.config.heads "
                 f"({self.heads}); pick heads so that width / heads is a whole head size"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.config.dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"model.config.dropout must be in [0, 1), got {self.dropout}")
         if self.activation not in ("gelu", "gelu_tanh"):
-            raise ValueError(
+            raise ConfigError(
                 f"model.config.activation must be 'gelu' or 'gelu_tanh', got {self.activation!r}"
             )
 
@@ -69,7 +71,7 @@ class GPTConfig:
     def from_name(cls, name: str, **overrides) -> GPTConfig:
         """One of the named sizes (``tiny``, ``111m``, ``1p3b``, ``13b``, ``70b``, ``175b``)."""
         if name not in NAMED_CONFIGS:
-            raise ValueError(f"unknown model size {name!r}; choose one of {sorted(NAMED_CONFIGS)}")
+            raise ConfigError(f"unknown model size {name!r}; choose one of {sorted(NAMED_CONFIGS)}")
         return replace(NAMED_CONFIGS[name], **overrides)
 
     @classmethod
@@ -77,7 +79,7 @@ class GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown GPTConfig fields {unknown}; known fields are {sorted(known)}")
+            raise ConfigError(f"unknown GPTConfig fields {unknown}; known fields are {sorted(known)}")
         return cls(**data)
 
     def to_dict(self) -> dict:

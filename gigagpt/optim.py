@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from gigagpt.errors import ConfigError
+
 
 @dataclass
 class OptimConfig:
@@ -34,13 +36,13 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"model.optim.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"model.optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
-            raise ValueError(f"model.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ConfigError(f"model.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.decay_steps is not None and self.decay_steps < 0:
-            raise ValueError(f"model.optim.decay_steps must be >= 0, got {self.decay_steps}")
+            raise ConfigError(f"model.optim.decay_steps must be >= 0, got {self.decay_steps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"model.optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(f"model.optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
     @property
     def min_lr(self) -> float:
@@ -51,7 +53,7 @@ class OptimConfig:
         if self.decay_steps is not None:
             return self.decay_steps
         if max_steps is None or max_steps < 0:
-            raise ValueError(
+            raise ConfigError(
                 "the learning-rate schedule needs a length: set trainer.max_steps "
                 "(e.g. --trainer.max_steps=1000) or model.optim.decay_steps"
             )

@@ -111,6 +111,19 @@ def test_bad_data_settings_end_with_one_clear_line(args, message, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--model.config.width=50"], "gigagpt: model.config.width (50) must be divisible by model.config.heads (4)"),
+    (["--model.optim.lr=-1"], "gigagpt: model.optim.lr must be > 0, got -1.0"),
+    (["--trainer.max_steps=-1", "--trainer.max_epochs=1"],
+     "gigagpt: the learning-rate schedule needs a length: set trainer.max_steps"),
+])
+def test_bad_model_and_schedule_settings_end_with_one_clear_line(builtin_bytes, tmp_path, args, message):
+    proc = run_gigagpt("fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--data.path={builtin_bytes}", *args,
+                       "--trainer.logger=false", f"--checkpoint.dirpath={tmp_path}/ckpt", cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_sequence_longer_than_context_is_refused(builtin_bytes, tmp_path):
     proc = run_gigagpt("fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--data.path={builtin_bytes}",
                        "--data.sequence_length=512", "--trainer.logger=false", cwd=tmp_path, check=False)
