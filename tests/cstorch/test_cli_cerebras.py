@@ -29,7 +29,7 @@ def test_cpu_backend_fit_loss_falls_with_progress_bar_and_loggers(builtin_bytes,
     assert sorted(train) == [4, 9, 14, 19, 24, 29]
     assert train[29] < train[4] - 0.5
     assert sorted(val) == [14, 29] and val[29] < val[14]
-    assert any((tmp_path / "runs/tiny/logs").rglob("events.out.tfevents.*"))  # TensorBoard too
+    assert any((tmp_path / "runs/tiny/tensorboard").rglob("events.out.tfevents.*"))  # TensorBoard too
     ckpts = sorted(p.name for p in (tmp_path / "runs/tiny/checkpoints").iterdir())
     assert ckpts == ["last.mdl", "step0000015.mdl", "step0000030.mdl"]
     # the same command with a longer schedule continues from last.mdl (--resume auto)
