@@ -145,6 +145,7 @@ def run_lightning(config, args, precision, compile_, data, device, bar: bool = F
     """``Trainer.fit`` on GPTModule + GPTDataModule, timed from step ``warmup`` to the end."""
     import lightning as L
 
+    from callbacks import ThrottledRichProgressBar
     from gigagpt.data import GPTDataModule
     from gigagpt.module import GPTModule
 
@@ -180,7 +181,8 @@ def run_lightning(config, args, precision, compile_, data, device, bar: bool = F
             precision=precision, max_steps=total, limit_val_batches=0, num_sanity_val_steps=0,
             gradient_clip_val=1.0, log_every_n_steps=10, enable_checkpointing=False,
             enable_progress_bar=bar, enable_model_summary=False, use_distributed_sampler=False,
-            logger=L.pytorch.loggers.CSVLogger(logs), callbacks=[timer], default_root_dir=logs,
+            logger=L.pytorch.loggers.CSVLogger(logs), default_root_dir=logs,
+            callbacks=[timer, *([ThrottledRichProgressBar()] if bar else [])],  # the CLI's bar
         )
         trainer.fit(module, datamodule=dm)
     elapsed = timer.t1 - timer.t0

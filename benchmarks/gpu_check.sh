@@ -108,6 +108,7 @@ if cuda:
     # Host synchronisations during Lightning training steps (tiny model), with and without a bar.
     import tempfile, numpy as np, json, os
     from gigagpt.module import GPTModule
+    from callbacks import ThrottledRichProgressBar  # the progress bar gigagpt's CLI uses
     tmp = tempfile.mkdtemp()
     np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint16).tofile(f"{tmp}/train.bin")
     np.random.default_rng(1).integers(0, 256, 20_000, dtype=np.uint16).tofile(f"{tmp}/val.bin")
@@ -130,7 +131,7 @@ if cuda:
                                 limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                                 enable_checkpointing=False, enable_progress_bar=bar, enable_model_summary=False,
                                 gradient_clip_val=1.0, log_every_n_steps=50, use_distributed_sampler=False,
-                                callbacks=[SyncCount()])
+                                callbacks=[SyncCount(), *([ThrottledRichProgressBar()] if bar else [])])
             trainer.fit(GPTModule(GPTConfig.from_name("tiny")),
                         datamodule=GPTDataModule(path=tmp, sequence_length=128, batch_size=8))
         syncs = [str(w.message).splitlines()[0][:100] for w in caught if "synchroniz" in str(w.message).lower()]

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from accelerators.errors import CerebrasError
-from callbacks import NonFiniteGuard, StepSeed, TextSamples, ThroughputMFU
+from callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRichProgressBar, ThroughputMFU
 from gigagpt.checkpoint import AtomicCheckpointIO, shape_differences
 from gigagpt.commands import EXTRA_COMMANDS, run_extra
 from gigagpt.data import DataConfigError, GPTDataModule
@@ -112,7 +112,7 @@ def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
             GPTDataModule,
             args=args,
             run=run,
-            trainer_defaults={"callbacks": [RichProgressBar()]},
+            trainer_defaults={"callbacks": [ThrottledRichProgressBar()]},
             parser_kwargs={
                 "prog": "gigagpt",
                 "description": "Train GPT models with Lightning. Other commands: "

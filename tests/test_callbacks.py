@@ -167,6 +167,32 @@ def test_text_samples_use_the_local_ranks_file_the_data_was_prepared_with(tmp_pa
     assert tokenizer.source_file == str(ranks.resolve()) and tokenizer.decode(tokenizer.encode("Hello")) == "Hello"
 
 
+def test_progress_bar_reads_the_metrics_every_log_interval_only(builtin_bytes, tmp_path):
+    """Each readout of train/loss is a device synchronisation: at log intervals, not every step."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from callbacks import ThrottledRichProgressBar
+
+    def counting(cls):
+        class Counting(cls):
+            reads: list[int] = []
+
+            def get_metrics(self, trainer, pl_module):
+                if trainer.training:
+                    self.reads.append(trainer.global_step)
+                return super().get_metrics(trainer, pl_module)
+        Counting.reads = []
+        return Counting()
+
+    plain, throttled = counting(RichProgressBar), counting(ThrottledRichProgressBar)
+    _fit(tmp_path / "plain", builtin_bytes, [plain], max_steps=12, enable_progress_bar=True)
+    _fit(tmp_path / "throttled", builtin_bytes, [throttled], max_steps=12, enable_progress_bar=True)
+    assert len(plain.reads) >= 12  # Lightning's bar: every step
+    steps = sorted(set(throttled.reads))
+    assert steps and all(s % 2 == 0 for s in steps) and 12 in steps  # log_every_n_steps=2, and the end
+    assert len(throttled.reads) <= len(plain.reads) // 2 + 2
+
+
 class _PoisonAt(L.Callback):
     """Makes the forward pass produce NaN from optimizer step ``step`` on."""
 
