@@ -10,6 +10,7 @@ the new complete file under the checkpoint's name, never a truncated one. It loa
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import re
@@ -190,6 +191,18 @@ def shape_differences(path: str | os.PathLike, config: GPTConfig) -> list[str]:
     current = config.to_dict()
     return [f"{name} {saved[name]} -> {current[name]}" for name in SHAPE_FIELDS
             if name in saved and saved[name] != current[name]]
+
+
+def training_tokenizer_file(path: str | os.PathLike) -> str | None:
+    """The local tokenizer ranks file the checkpoint's training data was prepared with, if it
+    still exists (from the DataModule's ``path`` and that folder's ``meta.json``)."""
+    try:
+        ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=True, mmap=True)
+        folder = Path(ckpt["datamodule_hyper_parameters"]["path"])
+        local = json.loads((folder / "meta.json").read_text()).get("tokenizer_file")
+    except Exception:  # no DataModule hparams, data moved, no meta.json: nothing to suggest
+        return None
+    return local if local and Path(local).is_file() else None
 
 
 def check_shapes(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:

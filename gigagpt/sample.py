@@ -14,6 +14,7 @@ from typing import TextIO
 
 import torch
 
+from gigagpt.checkpoint import training_tokenizer_file
 from gigagpt.convert import load_model
 from gigagpt.generate import NO_TOKEN, check_sampling, generate_stream
 from gigagpt.tokenizer import GPT2_VOCAB, Tokenizer, get_tokenizer
@@ -202,7 +203,10 @@ def main(args: argparse.Namespace) -> list[str] | None:
     dtype = resolve_dtype(args.dtype, device)
     prompts = collect_prompts(args)
     model = load_model(args.checkpoint, map_location="cpu").to(device=device, dtype=dtype)
-    tokenizer = get_tokenizer(args.tokenizer or default_tokenizer(model.config.vocab_size))
+    # The tokenizer: as given, else the local ranks file the training data was prepared with
+    # (offline GPT-2), else the one the vocabulary size implies.
+    spec = args.tokenizer or training_tokenizer_file(args.checkpoint) or default_tokenizer(model.config.vocab_size)
+    tokenizer = get_tokenizer(spec)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model only "

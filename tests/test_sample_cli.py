@@ -180,3 +180,26 @@ def test_validate_and_test_report_loss_and_perplexity(trained, builtin_bytes, tm
         _expected_val_loss(load_model(trained), builtin_bytes / "val.bin", 2), rel=1e-5
     )
     assert ppl == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+def test_offline_gpt2_model_samples_with_the_ranks_file_its_data_was_prepared_with(
+        builtin_gpt2, tmp_path, capsys, monkeypatch):
+    """Data prepared from a local .tiktoken file: sampling finds that file, never the network."""
+    import gigagpt.tokenizer as tokenizers
+    from gigagpt.checkpoint import training_tokenizer_file
+
+    root = tmp_path / "run"
+    cli_main(["fit", *trainer_args(builtin_gpt2, root), "--model.config.vocab_size", "50257",
+              "--model.config.width", "32", "--model.config.heads", "2", "--model.config.depth", "1",
+              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--samples.every_n_steps", "0"])
+    ckpt = root / "checkpoints" / "last.ckpt"
+    ranks = str((ROOT / "tests" / "data" / "gpt2.tiktoken").resolve())
+    assert training_tokenizer_file(ckpt) == ranks
+
+    def no_download():
+        raise AssertionError("the online gpt2 encoding was asked for")
+
+    monkeypatch.setattr(tokenizers, "gpt2", no_download)
+    capsys.readouterr()  # training's own output
+    out, _ = sample(capsys, ckpt, "--prompt", "Hello world", "--max-new-tokens", "4", "--device", "cpu")
+    assert out.startswith("Hello world")
