@@ -4,6 +4,7 @@ Showing ``train/loss`` means reading a device tensor, which makes the host wait 
 finish the step: once per step, Lightning's ``RichProgressBar`` keeps the host from queueing the
 next step ahead. This bar moves every step but reads the values every ``metrics_every_n_steps``
 optimizer steps (default: the Trainer's ``log_every_n_steps``, when the loggers read them anyway).
+It also names a step-bounded run's epoch as ``Epoch 0``, not ``Epoch 0/-2``.
 """
 
 from __future__ import annotations
@@ -40,3 +41,9 @@ class ThrottledRichProgressBar(RichProgressBar):
     def _update_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._metrics_due:
             super()._update_metrics(trainer, pl_module)
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = super()._get_train_description(current_epoch)
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs < 0:  # bounded by max_steps
+            description = description.replace(f"/{self.trainer.max_epochs - 1}", "", 1)
+        return description

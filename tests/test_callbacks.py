@@ -191,6 +191,9 @@ def test_progress_bar_reads_the_metrics_every_log_interval_only(builtin_bytes, t
     steps = sorted(set(throttled.reads))
     assert steps and all(s % 2 == 0 for s in steps) and 12 in steps  # log_every_n_steps=2, and the end
     assert len(throttled.reads) <= len(plain.reads) // 2 + 2
+    # A run bounded by max_steps (max_epochs -1) has no "Epoch 0/-2".
+    throttled._trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False)
+    assert throttled._get_train_description(0).strip() == "Epoch 0"
 
 
 class _PoisonAt(L.Callback):
