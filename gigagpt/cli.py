@@ -11,7 +11,9 @@ import re
 import sys
 from pathlib import Path
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -124,6 +126,10 @@ def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
         raise SystemExit(f"gigagpt: data error: {err}") from None
     except CerebrasError as err:  # missing cerebras-pytorch, no cluster, refused checkpoint: one line
         raise SystemExit(f"gigagpt: {err}") from None
+    except MisconfigurationException as err:  # Lightning's own refusal of a Trainer setting
+        hint = " (this machine has no CUDA GPU: --trainer.accelerator cpu or auto)" if (
+            "gpu" in str(err).lower() and not torch.cuda.is_available()) else ""
+        raise SystemExit(f"gigagpt: trainer settings: {err}{hint}") from None
     except Exception as err:
         # A wrong model/optimizer/schedule setting, possibly wrapped by the argument parser.
         cause = _config_error(err)

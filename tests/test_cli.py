@@ -124,6 +124,14 @@ def test_bad_model_and_schedule_settings_end_with_one_clear_line(builtin_bytes, 
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_gpu_config_on_a_cpu_machine_is_one_clear_line(builtin_bytes, tmp_path):
+    proc = run_gigagpt("fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--data.path={builtin_bytes}",
+                       "--trainer.accelerator=gpu", "--trainer.logger=false", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "gigagpt: trainer settings:" in proc.stderr and "--trainer.accelerator cpu" in proc.stderr
+
+
 def test_sequence_longer_than_context_is_refused(builtin_bytes, tmp_path):
     proc = run_gigagpt("fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--data.path={builtin_bytes}",
                        "--data.sequence_length=512", "--trainer.logger=false", cwd=tmp_path, check=False)
