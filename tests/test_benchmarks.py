@@ -55,3 +55,12 @@ def test_profile_step_accounts_for_the_step(capsys):
     assert "(head 128)" in out and "| category | ms per step |" in out
     assert report["tokens_per_s"] > 0 and 0 < report["busy_fraction"] <= 1.5
     assert report["categories"]["matmul"] > 0 and report["categories"]["attention"] > 0
+
+
+def test_bench_adamw_times_every_variant():
+    bench_adamw = load("bench_adamw")
+    try:
+        times = bench_adamw.main(["--size", "64", "--tensors", "2", "--steps", "2"])
+    finally:
+        sys.modules.pop("bench_adamw", None)
+    assert {"default", "foreach"} <= set(times) and all(ms > 0 for ms in times.values())
