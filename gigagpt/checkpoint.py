@@ -176,17 +176,34 @@ def model_state_dict(state_dict: dict, prefix: str = "model.") -> dict:
 SHAPE_FIELDS = ("vocab_size", "max_position_embeddings", "depth", "width", "heads", "bias")
 
 
-def shape_differences(path: str | os.PathLike, config: GPTConfig) -> list[str]:
-    """``field: checkpoint value -> config value`` for every shape setting that differs.
+def saved_model_config(path: str | os.PathLike) -> dict | None:
+    """The ``GPTConfig`` fields a GPTModule checkpoint was trained with, or ``None``.
 
     Reads only the hyperparameters: the file is memory-mapped, its tensors are not loaded.
     """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a zip checkpoint, unreadable: Lightning's own loading reports it
-        return []
+        return None
     saved = (ckpt.get("hyper_parameters") or {}).get("config") if isinstance(ckpt, dict) else None
-    if not isinstance(saved, dict):
+    return saved if isinstance(saved, dict) else None
+
+
+def cstorch_optimizer_state(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint's optimizer state is cstorch's Adam layout (a converted ``.mdl``:
+    ``beta1_power`` per parameter where torch's AdamW keeps ``step``)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        states = ckpt.get("optimizer_states") or []
+        return any("beta1_power" in entry for s in states for entry in (s.get("state") or {}).values())
+    except Exception:
+        return False
+
+
+def shape_differences(path: str | os.PathLike, config: GPTConfig) -> list[str]:
+    """``field: checkpoint value -> config value`` for every shape setting that differs."""
+    saved = saved_model_config(path)
+    if saved is None:
         return []
     current = config.to_dict()
     return [f"{name} {saved[name]} -> {current[name]}" for name in SHAPE_FIELDS

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -20,10 +22,17 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from accelerators.errors import CerebrasError
 from callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRichProgressBar, ThroughputMFU
-from gigagpt.checkpoint import AtomicCheckpointIO, shape_differences
+from gigagpt.checkpoint import (
+    SHAPE_FIELDS,
+    AtomicCheckpointIO,
+    cstorch_optimizer_state,
+    saved_model_config,
+    shape_differences,
+)
 from gigagpt.commands import EXTRA_COMMANDS, run_extra
 from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.errors import ConfigError
+from gigagpt.model import GPTConfig
 from gigagpt.module import GPTModule
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
@@ -60,15 +69,65 @@ class GigaCLI(LightningCLI):
             defaults = self.trainer_defaults.get("callbacks") or []
             self.trainer_defaults = {**self.trainer_defaults,
                                      "callbacks": [c for c in defaults if not isinstance(c, ProgressBar)]}
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as err:  # Lightning refusing a Trainer setting
+            raise ConfigError(f"trainer settings: {err}{_no_gpu_hint(err)}") from err
         # Atomic, fsynced checkpoint files wherever Lightning's default writer would be used.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path``: the run keeps the settings given (config files and flags), as auto-resume
+        does, so a resumed run can change e.g. the learning rate; only the model's shape comes from
+        the checkpoint, with a note where it differs.
+
+        (LightningCLI itself replaces every model setting with the checkpoint's, silently, and reads
+        the file with ``torch.load``, which a Cerebras ``.mdl`` checkpoint is not made for.)
+        """
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+            return
+        path = Path(str(ckpt_path))
+        if not path.is_file():
+            raise ConfigError(f"--ckpt_path {str(ckpt_path)!r} does not exist; pass a checkpoint file "
+                              "(e.g. <checkpoint.dirpath>/last.ckpt), or 'last'")
+        on_cerebras = "cerebras" in str(self.config[subcommand].get("trainer", {}).get("accelerator"))
+        if path.suffix == ".mdl" and not on_cerebras:
+            raise ConfigError(
+                f"--ckpt_path {str(path)!r} is a Cerebras checkpoint: use it with the Cerebras accelerator "
+                "(e.g. --config configs/cerebras/tiny.yaml); for sample / export / validate on this "
+                "Trainer, convert its weights: python -c \"from accelerators.convert import "
+                f"convert_checkpoint; convert_checkpoint('{path}', '{path.with_suffix('.ckpt')}')\""
+            )
+        if subcommand == "fit" and not on_cerebras and path.suffix == ".ckpt" and cstorch_optimizer_state(path):
+            raise ConfigError(
+                f"--ckpt_path {str(path)!r} was converted from a Cerebras .mdl: its optimizer state is "
+                "cstorch's, which torch's AdamW cannot resume; continue that run on the Cerebras "
+                "accelerator, or use this file for gigagpt sample / export / validate"
+            )
+        saved = saved_model_config(path) if path.suffix == ".ckpt" else None
+        model = self.config[subcommand].get("model")
+        if saved is None or model is None:
+            return
+        known = {f.name for f in fields(GPTConfig)}
+        if model.get("config") is None:  # no model settings given: the checkpoint's model entirely
+            model["config"] = Namespace(**{**GPTConfig.from_name("tiny").to_dict(),
+                                           **{k: v for k, v in saved.items() if k in known}})
+            return
+        current, changed = model["config"], []
+        for name in SHAPE_FIELDS:
+            if name in saved and current.get(name) != saved[name]:
+                changed.append(f"{name} {current.get(name)} -> {saved[name]}")
+                current[name] = saved[name]
+        if changed:
+            rank_zero_info(f"gigagpt: the model's shape comes from {path}: {', '.join(changed)}")
+
     def before_fit(self) -> None:
         config = self.config_init["fit"]
-        # (An explicit --ckpt_path needs no check: LightningCLI rebuilds the model from its hparams.)
+        # (An explicit --ckpt_path takes the model's shape from the checkpoint: _parse_ckpt_path.)
         if config.get("ckpt_path") is not None or config.get("resume", "auto") != "auto":
             return
         found = last_checkpoints(self.trainer)
@@ -126,16 +185,22 @@ def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
         raise SystemExit(f"gigagpt: data error: {err}") from None
     except CerebrasError as err:  # missing cerebras-pytorch, no cluster, refused checkpoint: one line
         raise SystemExit(f"gigagpt: {err}") from None
-    except MisconfigurationException as err:  # Lightning's own refusal of a Trainer setting
-        hint = " (this machine has no CUDA GPU: --trainer.accelerator cpu or auto)" if (
-            "gpu" in str(err).lower() and not torch.cuda.is_available()) else ""
-        raise SystemExit(f"gigagpt: trainer settings: {err}{hint}") from None
+    except MisconfigurationException as err:  # Lightning's own refusal of a setting, later on
+        raise SystemExit(f"gigagpt: {err}{_no_gpu_hint(err)}") from None
     except Exception as err:
         # A wrong model/optimizer/schedule setting, possibly wrapped by the argument parser.
         cause = _config_error(err)
         if cause is None:
             raise
         raise SystemExit(f"gigagpt: {cause}") from None
+
+
+def _no_gpu_hint(err: BaseException) -> str:
+    text = str(err).lower()
+    if torch.cuda.is_available() or not ("gpu" in text or "cuda" in text):
+        return ""
+    return (" (this machine has no CUDA GPU: --trainer.accelerator cpu, with a strategy that runs on "
+            "CPUs such as --trainer.strategy auto or ddp; configs/gpu/ are for GPU machines)")
 
 
 def _config_error(err: BaseException | None) -> ConfigError | None:

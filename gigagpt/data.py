@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,10 +285,12 @@ class GPTDataModule(L.LightningDataModule):
             if windows < self.batch_size * world_size:
                 batch = (f"data.batch_size={self.batch_size}" if world_size == 1 else
                          f"data.batch_size={self.batch_size} on each of {world_size} devices")
+                more = ("prepare more text or a larger --val-fraction (the share of text in val.bin)"
+                        if split == "val" else "prepare more text")
                 raise DataConfigError(
                     f"{split}.bin holds {len(tokens)} tokens = {windows} windows of "
                     f"data.sequence_length={self.sequence_length}, fewer than one batch "
-                    f"({batch}); lower data.batch_size or data.sequence_length, or prepare more text"
+                    f"({batch}); lower data.batch_size or data.sequence_length, or {more}"
                 )
             if vocab_size is not None:
                 # prepare records the largest id; scan only files made without it.
@@ -346,6 +349,9 @@ class GPTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.files is None:
             self.setup("fit")
+        # Lightning warns that a mid-epoch resume is unreliable unless the loader saves its state;
+        # this one needs none: it starts at batch global_step (batch k is a function of seed and k).
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
         return build_train_loader(**self.train_loader_args())
 
     def _eval_loader(self, path: str) -> DataLoader:

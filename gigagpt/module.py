@@ -90,12 +90,15 @@ class GPTModule(L.LightningModule):
             if self._fsdp_device() is not None:
                 self.model.clip_grad_norm_(gradient_clip_val)  # the root FSDP module
                 return
-            if optimizer.defaults.get("fused"):
-                # Lightning's AMP plugin refuses to clip for fused optimizers (they may unscale fp16
-                # gradients themselves). bf16 has no loss scaling and fp16 never gets a fused AdamW
-                # (configure_optimizers), so the gradients here are true gradients.
+        if gradient_clip_val and optimizer.defaults.get("fused"):
+            # Lightning's AMP plugin refuses to clip for fused optimizers (they may unscale fp16
+            # gradients themselves). bf16 has no loss scaling and fp16 never gets a fused AdamW
+            # (configure_optimizers), so the gradients here are true gradients.
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(self.parameters(), gradient_clip_val)
+            else:
                 torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
-                return
+            return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):

@@ -4,10 +4,9 @@ Reads every ``metrics.csv`` that Lightning's CSVLogger wrote under the run folde
 folder per ``gigagpt fit``, ``validate`` or ``test``) and splices them, in version order, into one
 continuous run:
 
-- a version holding no ``train/loss`` value at all (an evaluation-only ``validate`` / ``test``
-  run, which logs its loss at step 0) is left out of the curves and listed in
-  :attr:`Curves.skipped`;
-- a training version whose first ``train/loss`` step is ``s`` first drops every value (all series)
+- an evaluation-only version (``validate`` / ``test``: no ``train/`` value, and all its values
+  at one step) is left out of the curves and listed in :attr:`Curves.skipped`;
+- a training version whose first logged step is ``s`` first drops every value (all series)
   that earlier versions logged at steps ``>= s``, then adds its own. A run resumed from the
   checkpoint of step ``k`` thus replaces the stale steps ``> k`` its crashed predecessor logged
   after that checkpoint, and a fresh run (``--resume never``) into the same folder, starting at
@@ -82,9 +81,9 @@ def _read_metrics(path: Path) -> dict[str, dict[int, float]]:
 def read_curves(run_dir: str | os.PathLike) -> Curves:
     """Splice the ``metrics.csv`` versions under ``run_dir`` into one run.
 
-    Versions are read in order (``version_N`` number, then modification time). A version with no
-    ``train/loss`` value (``gigagpt validate`` / ``test``) is skipped. A training version whose first
-    ``train/loss`` step is ``s`` first removes every earlier value, of every series, at steps
+    Versions are read in order (``version_N`` number, then modification time). An evaluation-only
+    version (``gigagpt validate`` / ``test``: no ``train/`` value, all its values at one step) is
+    skipped. A training version whose first logged step is ``s`` first removes every earlier value, of every series, at steps
     ``>= s``, then adds its own values: what a resumed or restarted run logged replaces whatever an
     earlier version had logged from that step on, including stale steps past the earlier
     version's last checkpoint.
@@ -92,23 +91,24 @@ def read_curves(run_dir: str | os.PathLike) -> Curves:
     curves = Curves()
     for path in find_metric_files(run_dir):
         values = _read_metrics(path)
-        if not values["train/loss"]:
+        steps = {step for series in values.values() for step in series}
+        if not steps or (not any(values[name] for name in SERIES if name.startswith("train/")) and len(steps) == 1):
             curves.skipped.append(path)
             continue
         curves.sources.append(path)
-        first = min(values["train/loss"])
+        first = min(steps)
         for name in SERIES:
             kept = {step: v for step, v in curves.values[name].items() if step < first}
             kept.update(values[name])
             curves.values[name] = kept
-    if not curves.values["train/loss"]:
+    if not curves.values["train/loss"] and not curves.values["val/loss"]:
         if curves.skipped:
             raise ValueError(
                 f"the metrics under {str(run_dir)!r} come only from evaluation runs (validate / test), "
                 "which hold no train/loss values: "
                 + ", ".join(str(p) for p in curves.skipped)
             )
-        raise ValueError(f"the metrics under {str(run_dir)!r} hold no train/loss values yet")
+        raise ValueError(f"the metrics under {str(run_dir)!r} hold no train/loss or val/loss values yet")
     return curves
 
 

@@ -264,11 +264,16 @@ def prepare(
                     done_ends, done_bytes, done_future = pending
                     splits = {"train": ([], []), "val": ([], [])}
                     for ids, last in zip(done_future.result(), done_ends):
+                        drawn = "val" if rng.random() < val_fraction else "train"
+                        if not ids:  # an empty document: only its end-of-text, never the held piece
+                            splits[drawn][0].append(ids)
+                            splits[drawn][1].append(last)
+                            continue
                         if held is not None:
                             split_ids, split_ends = splits[held[2]]
                             split_ids.append(held[0])
                             split_ends.append(held[1])
-                        held = (ids, last, "val" if rng.random() < val_fraction else "train")
+                        held = (ids, last, drawn)
                     for split, (pieces, piece_ends) in splits.items():
                         write(split, pieces, piece_ends)
                     read += done_bytes

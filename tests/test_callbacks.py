@@ -243,6 +243,28 @@ def test_nonfinite_guard_lets_the_fp16_loss_scaler_skip_overflowing_steps(builti
     assert scaler.get_scale() < 2.0**24  # at least one step overflowed and was skipped by the scaler
 
 
+@pytest.mark.parametrize("algorithm, clip", [("value", 1e-3), ("norm", 1e-2)])
+def test_gradient_clipping_with_fused_adamw_under_bf16_autocast(builtin_bytes, tmp_path, algorithm, clip):
+    """Lightning's AMP plugin refuses to clip for fused optimizers; GPTModule clips them itself."""
+
+    class ClippedGrads(L.Callback):
+        worst = 0.0
+
+        def on_before_zero_grad(self, trainer, pl_module, optimizer):  # the last step's clipped grads
+            assert optimizer.defaults["fused"]
+            grads = [p.grad.float() for p in pl_module.parameters() if p.grad is not None]
+            if not grads:  # the first step: nothing computed yet
+                return
+            size = (max(g.abs().max().item() for g in grads) if algorithm == "value"
+                    else torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+            self.worst = max(self.worst, size)
+
+    check = ClippedGrads()
+    trainer, _ = _fit(tmp_path, builtin_bytes, [check], max_steps=3, precision="bf16-mixed",
+                      gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    assert trainer.global_step == 3 and 0 < check.worst <= clip * (1 + 1e-3)
+
+
 def test_step_seed_is_pure_function_and_saved():
     assert step_seed(1, 5) == step_seed(1, 5)
     assert len({step_seed(1, s) for s in range(100)} | {step_seed(2, 0), step_seed(1, 0, rank=1)}) == 102

@@ -73,6 +73,23 @@ def test_auto_resume_into_a_differently_shaped_model_is_one_clear_line(tiny_run,
     assert "--resume never" in proc.stderr
 
 
+def test_explicit_resume_keeps_the_given_settings_and_the_checkpoints_shape(tiny_run, builtin_bytes, tmp_path):
+    """--ckpt_path: a new learning rate takes effect; a different width gives way to the checkpoint's."""
+    run, _ = tiny_run
+    proc = run_gigagpt("fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--data.path={builtin_bytes}",
+                       f"--ckpt_path={run}/checkpoints/last.ckpt", "--trainer.max_steps=82",
+                       "--model.optim.lr=1e-4", "--model.config.width=64", "--trainer.logger=false",
+                       "--samples.every_n_steps=0", f"--checkpoint.dirpath={tmp_path}/ckpt",
+                       f"--trainer.default_root_dir={tmp_path}", cwd=tmp_path)
+    assert "the model's shape comes from" in proc.stdout + proc.stderr and "width 64 -> 128" in proc.stdout + proc.stderr
+    hparams = load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["hyper_parameters"]
+    assert hparams["optim"]["lr"] == 1e-4 and hparams["config"]["width"] == 128
+    missing = run_gigagpt("fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--data.path={builtin_bytes}",
+                          f"--ckpt_path={tmp_path}/nope.ckpt", "--trainer.logger=false", cwd=tmp_path, check=False)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr, missing.stderr[-3000:]
+    assert "--ckpt_path" in missing.stderr and "does not exist" in missing.stderr
+
+
 def test_config_saved_beside_the_run(tiny_run):
     run, _ = tiny_run
     assert list(run.rglob("config.yaml"))
@@ -125,9 +142,11 @@ def test_bad_model_and_schedule_settings_end_with_one_clear_line(builtin_bytes, 
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
-def test_gpu_config_on_a_cpu_machine_is_one_clear_line(builtin_bytes, tmp_path):
+@pytest.mark.parametrize("args", [["--trainer.accelerator=gpu"],
+                                  ["--trainer.accelerator=cpu", "--trainer.strategy=fsdp"]])
+def test_gpu_settings_on_a_cpu_machine_are_one_clear_line(builtin_bytes, tmp_path, args):
     proc = run_gigagpt("fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--data.path={builtin_bytes}",
-                       "--trainer.accelerator=gpu", "--trainer.logger=false", cwd=tmp_path, check=False)
+                       *args, "--trainer.logger=false", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "gigagpt: trainer settings:" in proc.stderr and "--trainer.accelerator cpu" in proc.stderr
 

@@ -138,3 +138,16 @@ def test_fresh_run_in_same_folder_replaces_the_old_run(tmp_path):
     assert curves.series("val/loss") == ([3], [2.0])
     assert curves.series("train/lr")[0] == [0, 1, 2, 3]
     assert curves.series("train/tokens")[0] == [0, 1, 2, 3]
+
+
+def test_training_run_that_logged_only_validation_yet_is_plotted(tmp_path):
+    """A fit with log_every_n_steps beyond its length: val/loss at several steps, no train/loss yet."""
+    pytest.importorskip("matplotlib")
+    write_version(tmp_path, 0, val=[(1, 5.0), (3, 4.0)])
+    curves = read_curves(tmp_path)
+    assert curves.skipped == [] and curves.series("val/loss") == ([1, 3], [5.0, 4.0])
+
+    from gigagpt.cli import cli_main
+
+    cli_main(["plot", str(tmp_path)])
+    assert png_size(tmp_path / "loss.png") == (1080, 840)

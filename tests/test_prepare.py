@@ -265,6 +265,15 @@ def test_validation_split_is_never_empty_and_train_neither(tmp_path):
     assert {**again, "seconds": 0} == {**low, "seconds": 0}
 
 
+def test_an_empty_last_document_is_not_what_val_gets(tmp_path):
+    """The piece sent to an otherwise empty val split holds text, not an empty document's end-of-text."""
+    docs = [("hello\n" * 20, 120), ("world\n" * 20, 120), ("", 0)]
+    meta = prepare(iter(docs), tmp_path, bytes_tokenizer(), val_fraction=1e-9, progress=False)
+    train, val, _ = _splits(tmp_path)
+    assert val.tolist() == list(b"world\n" * 20) + [0]
+    assert meta["train_documents"] + meta["val_documents"] == 3 and len(train) == 120 + 1 + 1
+
+
 def test_single_file_with_the_command(tmp_path):
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text(_mixed_text(3 * PIECE_BYTES), encoding="utf-8")

@@ -85,6 +85,23 @@ def test_converter_round_trip(runs, tmp_path):
         convert_checkpoint(mdl, tmp_path / "x.bin")
 
 
+def test_cerebras_checkpoints_on_a_plain_trainer_are_one_clear_line(runs, builtin_bytes, tmp_path):
+    """A .mdl, or a .ckpt converted from one (cstorch's optimizer state), cannot resume torch's AdamW."""
+    from cs_helpers import ROOT, run_cli
+
+    from accelerators.convert import convert_checkpoint
+
+    mdl = runs / "cs" / "ckpt" / "step0010.mdl"
+    converted = convert_checkpoint(mdl, tmp_path / "step10.ckpt")
+    base = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.path", str(builtin_bytes),
+            "--trainer.logger", "false", "--trainer.max_steps", "12"]
+    for path, message in ((mdl, "is a Cerebras checkpoint: use it with the Cerebras accelerator"),
+                          (converted, "was converted from a Cerebras .mdl: its optimizer state is cstorch's")):
+        proc = run_cli(*base, "--ckpt_path", str(path), cwd=tmp_path)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert message in proc.stderr
+
+
 def test_save_off_schedule_is_refused(builtin_bytes, tmp_path):
     proc = run_harness("cerebras_cpu", builtin_bytes, tmp_path, "--steps", "5", "--ckpt-every", "10",
                        "--save-at", "3", check=False)
