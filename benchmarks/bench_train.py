@@ -265,13 +265,26 @@ def loss_comparison(results: list[Result]) -> str:
     return "\n".join(out)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """--model (a named size) and --depth/--width/--heads/--vocab overrides; see :func:`shape_config`."""
     p.add_argument("--model", default=None, help="a named size (111m, 1p3b, 13b, ...); default: a CPU shape")
     p.add_argument("--depth", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--heads", type=int)
     p.add_argument("--vocab", type=int)
+
+
+def shape_config(args: argparse.Namespace, cpu_shape: dict, seq: int) -> GPTConfig:
+    """The named size (or ``cpu_shape``) with the given overrides, its context at least ``seq``."""
+    base = GPTConfig.from_name(args.model) if args.model else GPTConfig(**cpu_shape)
+    overrides = {k: v for k, v in dict(depth=args.depth, width=args.width, heads=args.heads,
+                                       vocab_size=args.vocab).items() if v is not None}
+    return replace(base, **overrides, max_position_embeddings=max(base.max_position_embeddings, seq))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_args(p)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=str, default="8", help="batch sizes, comma separated")
     p.add_argument("--precision", default="32-true,bf16-mixed,bf16-true", help="Lightning precisions, comma separated")
@@ -306,11 +319,7 @@ def main(argv=None) -> list[Result]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    config = GPTConfig.from_name(args.model) if args.model else GPTConfig(**CPU_SHAPE)
-    overrides = {k: v for k, v in dict(depth=args.depth, width=args.width, heads=args.heads,
-                                       vocab_size=args.vocab).items() if v is not None}
-    config = GPTConfig(**{**config.to_dict(), **overrides, "max_position_embeddings":
-                          max(config.max_position_embeddings, args.seq)})
+    config = shape_config(args, CPU_SHAPE, args.seq)
     batches = [int(b) for b in args.batch.split(",")]
     precisions = args.precision.split(",")
     compiles = [c.strip() == "on" for c in args.compile.split(",")]

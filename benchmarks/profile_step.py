@@ -27,11 +27,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from bench_train import add_shape_args, shape_config
 
 from callbacks.throughput import device_name_of, flops_per_token, peak_flops
-from gigagpt.model import GPT, GPTConfig
+from gigagpt.model import GPT
 from gigagpt.optim import OptimConfig, build_torch_optimizer
+
+CPU_SHAPE = dict(vocab_size=512, max_position_embeddings=128, depth=2, width=128, heads=4)
 
 # Kernel / operator name fragments -> category; the first match wins, in this order.
 CATEGORIES = (
@@ -64,11 +68,7 @@ def self_time_us(event, on_device: bool) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="a named size (111m, 1p3b, ...); default: a small CPU shape")
-    p.add_argument("--depth", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--vocab", type=int)
+    add_shape_args(p)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--precision", default="bf16-mixed", choices=("32-true", "bf16-mixed", "bf16-true"))
@@ -85,11 +85,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     on_device = device.type == "cuda"
-    base = GPTConfig.from_name(args.model) if args.model else GPTConfig(depth=2, width=128, heads=4, vocab_size=512)
-    overrides = {k: v for k, v in dict(depth=args.depth, width=args.width, heads=args.heads,
-                                       vocab_size=args.vocab).items() if v is not None}
-    config = replace(base, **overrides, vocab_pad_multiple=args.vocab_pad,
-                     max_position_embeddings=max(base.max_position_embeddings, args.seq))
+    config = replace(shape_config(args, CPU_SHAPE, args.seq), vocab_pad_multiple=args.vocab_pad)
     torch.manual_seed(0)
     model = GPT(config).to(device)
     if args.precision == "bf16-true":
