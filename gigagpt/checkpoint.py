@@ -176,33 +176,33 @@ def model_state_dict(state_dict: dict, prefix: str = "model.") -> dict:
 SHAPE_FIELDS = ("vocab_size", "max_position_embeddings", "depth", "width", "heads", "bias")
 
 
-def saved_model_config(path: str | os.PathLike) -> dict | None:
-    """The ``GPTConfig`` fields a GPTModule checkpoint was trained with, or ``None``.
-
-    Reads only the hyperparameters: the file is memory-mapped, its tensors are not loaded.
-    """
+def peek_checkpoint(path: str | os.PathLike) -> dict | None:
+    """A ``.ckpt``'s dictionary with its tensors memory-mapped, not read: cheap at any model size.
+    ``None`` for what is not a zip checkpoint (Lightning's own loading reports those)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a zip checkpoint, unreadable: Lightning's own loading reports it
+    except Exception:
         return None
-    saved = (ckpt.get("hyper_parameters") or {}).get("config") if isinstance(ckpt, dict) else None
+    return ckpt if isinstance(ckpt, dict) else None
+
+
+def saved_model_config(ckpt: dict | None) -> dict | None:
+    """The ``GPTConfig`` fields a GPTModule checkpoint (from :func:`peek_checkpoint`) was trained with."""
+    saved = ((ckpt or {}).get("hyper_parameters") or {}).get("config")
     return saved if isinstance(saved, dict) else None
 
 
-def cstorch_optimizer_state(path: str | os.PathLike) -> bool:
+def cstorch_optimizer_state(ckpt: dict | None) -> bool:
     """Whether the checkpoint's optimizer state is cstorch's Adam layout (a converted ``.mdl``:
     ``beta1_power`` per parameter where torch's AdamW keeps ``step``)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        states = ckpt.get("optimizer_states") or []
-        return any("beta1_power" in entry for s in states for entry in (s.get("state") or {}).values())
-    except Exception:
-        return False
+    states = (ckpt or {}).get("optimizer_states") or []
+    return any("beta1_power" in entry for state in states if isinstance(state, dict)
+               for entry in (state.get("state") or {}).values() if isinstance(entry, dict))
 
 
 def shape_differences(path: str | os.PathLike, config: GPTConfig) -> list[str]:
     """``field: checkpoint value -> config value`` for every shape setting that differs."""
-    saved = saved_model_config(path)
+    saved = saved_model_config(peek_checkpoint(path))
     if saved is None:
         return []
     current = config.to_dict()
@@ -214,7 +214,7 @@ def training_tokenizer_file(path: str | os.PathLike) -> str | None:
     """The local tokenizer ranks file the checkpoint's training data was prepared with, if it
     still exists (from the DataModule's ``path`` and that folder's ``meta.json``)."""
     try:
-        ckpt = torch.load(find_checkpoint(path), map_location="cpu", weights_only=True, mmap=True)
+        ckpt = peek_checkpoint(find_checkpoint(path)) or {}
         folder = Path(ckpt["datamodule_hyper_parameters"]["path"])
         local = json.loads((folder / "meta.json").read_text()).get("tokenizer_file")
     except Exception:  # no DataModule hparams, data moved, no meta.json: nothing to suggest

@@ -26,6 +26,7 @@ from gigagpt.checkpoint import (
     SHAPE_FIELDS,
     AtomicCheckpointIO,
     cstorch_optimizer_state,
+    peek_checkpoint,
     saved_model_config,
     shape_differences,
 )
@@ -102,13 +103,14 @@ class GigaCLI(LightningCLI):
                 "Trainer, convert its weights: python -c \"from accelerators.convert import "
                 f"convert_checkpoint; convert_checkpoint('{path}', '{path.with_suffix('.ckpt')}')\""
             )
-        if subcommand == "fit" and not on_cerebras and path.suffix == ".ckpt" and cstorch_optimizer_state(path):
+        ckpt = peek_checkpoint(path) if path.suffix == ".ckpt" else None
+        if subcommand == "fit" and not on_cerebras and cstorch_optimizer_state(ckpt):
             raise ConfigError(
                 f"--ckpt_path {str(path)!r} was converted from a Cerebras .mdl: its optimizer state is "
                 "cstorch's, which torch's AdamW cannot resume; continue that run on the Cerebras "
                 "accelerator, or use this file for gigagpt sample / export / validate"
             )
-        saved = saved_model_config(path) if path.suffix == ".ckpt" else None
+        saved = saved_model_config(ckpt)
         model = self.config[subcommand].get("model")
         if saved is None or model is None:
             return
@@ -144,9 +146,9 @@ class GigaCLI(LightningCLI):
             return
         differences = shape_differences(path, config)
         if differences:
-            raise SystemExit(f"gigagpt: cannot resume from {path}: it holds a different model "
-                             f"({', '.join(differences)}); resume with the model.config it was trained "
-                             "with, or start fresh with --resume never (or another checkpoint.dirpath)")
+            raise ConfigError(f"cannot resume from {path}: it holds a different model "
+                              f"({', '.join(differences)}); resume with the model.config it was trained "
+                              "with, or start fresh with --resume never (or another checkpoint.dirpath)")
 
 
 def last_checkpoints(trainer) -> list[Path]:
