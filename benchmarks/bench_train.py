@@ -102,6 +102,18 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def train_step(model, optimizer, scheduler, x, y, precision: str, device: torch.device) -> torch.Tensor:
+    """One optimizer step as Lightning's automatic optimization takes it (clipping at 1.0)."""
+    with autocast(precision, device):
+        loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def run_raw(config, args, precision, compile_, data, device) -> Result:
     """The plain PyTorch loop: what Lightning's automatic optimization does, written out."""
     from gigagpt.speed import compile_blocks
@@ -124,14 +136,7 @@ def run_raw(config, args, precision, compile_, data, device) -> Result:
             sync(device)
             t0 = time.perf_counter()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(precision, device):
-            loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(train_step(model, optimizer, scheduler, x, y, precision, device))
     sync(device)
     elapsed = time.perf_counter() - t0
     tokens = args.steps * args.batch * args.seq

@@ -17,7 +17,6 @@ clipping), then profiles ``--steps`` more with ``torch.profiler`` and prints:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from dataclasses import replace
@@ -29,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from bench_train import add_shape_args, shape_config
+from bench_train import add_shape_args, shape_config, sync, train_step
 
 from callbacks.throughput import device_name_of, flops_per_token, peak_flops
 from gigagpt.model import GPT
@@ -97,31 +96,19 @@ def main(argv=None) -> dict:
     optimizer, scheduler = build_torch_optimizer(model, OptimConfig(warmup_steps=2), args.warmup + args.steps)
     x = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     y = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16-mixed"
-                else contextlib.nullcontext())
 
     def step() -> None:
-        with autocast:
-            loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def sync() -> None:
-        if on_device:
-            torch.cuda.synchronize(device)
+        train_step(model, optimizer, scheduler, x, y, args.precision, device)
 
     for _ in range(args.warmup):
         step()
-    sync()
+    sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(args.steps):
             step()
-        sync()
+        sync(device)
         wall_us = (time.perf_counter() - t0) * 1e6
 
     # On CUDA the kernels themselves (device events); on CPU the leaf operators' own time.
