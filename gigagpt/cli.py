@@ -8,12 +8,13 @@ commands beside it.
 from __future__ import annotations
 
 import re
+import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -37,6 +38,7 @@ from gigagpt.model import GPTConfig
 from gigagpt.module import GPTModule
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+MAX_SEED = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything and data.seed feed
 
 
 class GigaCLI(LightningCLI):
@@ -77,7 +79,16 @@ class GigaCLI(LightningCLI):
         # Atomic, fsynced checkpoint files wherever Lightning's default writer would be used.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        # Before the loggers make their folders: a refused run leaves nothing behind.
+        check_run(self.subcommand, self.model, self.datamodule, trainer)
         return trainer
+
+    def _set_seed(self) -> None:
+        seed = self._get(self.config, "seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"seed_everything must be in [0, {MAX_SEED}] (or true: a random seed, false: "
+                              f"none), got {seed}")
+        super()._set_seed()
 
     def _parse_ckpt_path(self) -> None:
         """``--ckpt_path``: the run keeps the settings given (config files and flags), as auto-resume
@@ -100,8 +111,9 @@ class GigaCLI(LightningCLI):
             raise ConfigError(
                 f"--ckpt_path {str(path)!r} is a Cerebras checkpoint: use it with the Cerebras accelerator "
                 "(e.g. --config configs/cerebras/tiny.yaml); for sample / export / validate on this "
-                "Trainer, convert its weights: python -c \"from accelerators.convert import "
-                f"convert_checkpoint; convert_checkpoint('{path}', '{path.with_suffix('.ckpt')}')\""
+                "Trainer, convert its weights where cerebras-pytorch is installed (pip install "
+                f"\"gigagpt[cerebras]\", its own environment): gigagpt export {path} "
+                f"{path.with_suffix('.ckpt')}"
             )
         ckpt = peek_checkpoint(path) if path.suffix == ".ckpt" else None
         if subcommand == "fit" and not on_cerebras and cstorch_optimizer_state(ckpt):
@@ -151,6 +163,40 @@ class GigaCLI(LightningCLI):
                               "with, or start fresh with --resume never (or another checkpoint.dirpath)")
 
 
+def check_run(subcommand: str | None, model, datamodule, trainer) -> None:
+    """One line for a run that would do nothing, or not what was meant, before it starts."""
+    optim = getattr(model, "optim", None)
+    if subcommand == "fit":
+        if trainer.max_steps == 0:
+            raise ConfigError("trainer.max_steps is 0: the run would train nothing and save no checkpoint; "
+                              "set trainer.max_steps > 0 (or -1 with trainer.max_epochs)")
+        if optim is not None and 0 < trainer.max_steps < optim.warmup_steps:
+            raise ConfigError(
+                f"model.optim.warmup_steps={optim.warmup_steps} is longer than the run "
+                f"(trainer.max_steps={trainer.max_steps}): the learning rate would never reach "
+                f"model.optim.lr; lower model.optim.warmup_steps or raise trainer.max_steps"
+            )
+    check_csx_tools(trainer.strategy)
+    config = getattr(model, "config", None)
+    if isinstance(datamodule, GPTDataModule) and subcommand in ("fit", "validate", "test"):
+        datamodule.resolve(
+            getattr(config, "vocab_size", None), getattr(config, "max_position_embeddings", None),
+            world_size=trainer.world_size,
+            check_val=not (subcommand == "fit" and trainer.limit_val_batches == 0),
+        )
+
+
+def check_csx_tools(strategy) -> None:
+    """CSX lowering runs ``torch-cirh-opt`` from the cerebras environment's ``bin/``; without it on
+    PATH it fails deep inside the compiler with a long C++ trace."""
+    if getattr(strategy, "backend_type", None) != "CSX" or shutil.which("torch-cirh-opt"):
+        return
+    raise ConfigError(
+        "the CSX backend lowers the model with torch-cirh-opt, which is not on PATH: put the cerebras "
+        f"environment's bin/ on PATH (export PATH={Path(sys.executable).parent}:$PATH) and run again"
+    )
+
+
 def last_checkpoints(trainer) -> list[Path]:
     """``last*.ckpt`` / ``last*.mdl`` files in the ``dirpath`` of the trainer's ModelCheckpoint callbacks."""
     found = []
@@ -177,6 +223,8 @@ def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
             run=run,
             trainer_defaults={"callbacks": [ThrottledRichProgressBar()]},
             parser_kwargs={
+                # a wrong argument is one line (cli_main), the usage only on --help
+                "exit_on_error": False,
                 "prog": "gigagpt",
                 "description": "Train GPT models with Lightning. Other commands: "
                 "gigagpt prepare | sample | export | plot (each with --help).",
@@ -189,12 +237,70 @@ def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
         raise SystemExit(f"gigagpt: {err}") from None
     except MisconfigurationException as err:  # Lightning's own refusal of a setting, later on
         raise SystemExit(f"gigagpt: {err}{_no_gpu_hint(err)}") from None
+    except ArgumentError as err:  # the argument parser refusing an argument or a config file
+        cause = _config_error(err)
+        raise SystemExit(f"gigagpt: {cause if cause is not None else _argument_error(err, argv)}") from None
+    except OSError as err:  # a folder that cannot be made or written, a full disk
+        raise SystemExit(f"gigagpt: {_os_error(err)}") from None
     except Exception as err:
         # A wrong model/optimizer/schedule setting, possibly wrapped by the argument parser.
         cause = _config_error(err)
         if cause is None:
             raise
         raise SystemExit(f"gigagpt: {cause}") from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _os_error(err: OSError) -> str:
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or err}; check that the path exists and is writable, and the free space"
+
+
+def _argument_error(err: BaseException, argv: list[str]) -> str:
+    """The parser's complaint in one line; a config file that is not YAML is named with its line."""
+    message = _one_line(err)
+    if "Problems parsing config" in message:
+        for path in _config_files(argv):
+            problem = _yaml_problem(path)
+            if problem:
+                return f"config file {path} is not valid YAML: {problem}"
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    wrong = re.search(r"Expected a <class '(\w+)'>\. Got value: (\S+)", message)
+    if keys and wrong:  # a nested value of the wrong type: name the full setting, not the Union's story
+        name = ".".join(k for i, k in enumerate(keys) if i == 0 or not k.startswith(keys[0]))
+        return f"{name} must be of type {wrong.group(1)}, got {wrong.group(2)}"
+    return f"{message} (gigagpt {_subcommand(argv)} --help lists the settings)"
+
+
+def _subcommand(argv: list[str]) -> str:
+    return next((a for a in argv if a in TRAINER_COMMANDS), "fit")
+
+
+def _config_files(argv: list[str]) -> list[str]:
+    files = []
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(argv[i + 1])
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _yaml_problem(path: str) -> str | None:
+    import yaml
+
+    try:
+        yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        return where + _one_line(getattr(err, "problem", None) or err)
+    except OSError:
+        return None
+    return None
 
 
 def _no_gpu_hint(err: BaseException) -> str:

@@ -27,13 +27,24 @@ def run_extra(name: str, argv: list[str]) -> None:
         if err.name != module_name:
             raise
         raise SystemExit(f"gigagpt {name}: this installation has no {name} command") from None
-    parser = argparse.ArgumentParser(prog=f"gigagpt {name}", description=help_text)
+    parser = _OneLineParser(prog=f"gigagpt {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         module.main(args)
     except (FileNotFoundError, ValueError, RuntimeError) as err:  # includes DataConfigError
-        raise SystemExit(f"gigagpt {name}: error: {err}") from None
+        raise SystemExit(f"gigagpt {name}: error: {' '.join(str(err).split())}") from None
+    except OSError as err:  # a folder that cannot be made or written, a full disk
+        where = f"{err.filename}: " if err.filename else ""
+        raise SystemExit(f"gigagpt {name}: error: {where}{err.strerror or err}; check that the path exists "
+                         "and is writable, and the free space") from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A wrong argument is one line naming it; the usage only on --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gigagpt.errors import ConfigError
 
+MAX_SEED = 2**32 - 1  # numpy's seeds (window_order)
 PLACEHOLDER_MARKERS = ("/path/to", "<path", "path/to/", "changeme", "YOUR_")
 
 
@@ -39,9 +40,12 @@ def read_meta(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataConfigError(f"{path} is not valid JSON ({err}); re-run `gigagpt prepare`") from None
+    if not isinstance(meta, dict):
+        raise DataConfigError(f"{path} does not hold a JSON object; re-run `gigagpt prepare`")
+    return meta
 
 
 def open_tokens(path: str | os.PathLike, dtype: str = "uint16") -> np.memmap:
@@ -66,6 +70,52 @@ def open_tokens(path: str | os.PathLike, dtype: str = "uint16") -> np.memmap:
 
 def max_token_id(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
     return int(max(tokens[i : i + chunk].max() for i in range(0, len(tokens), chunk)))
+
+
+# -- meta.json checked against the files -------------------------------------------------------------
+TOKEN_DTYPES = ("uint16", "uint32")
+SAMPLE_TOKENS = 1 << 20  # tokens read at each end of a file to check meta.json's largest id
+
+
+def meta_dtype(meta: dict, folder: Path) -> str:
+    dtype = meta.get("dtype", "uint16")
+    if dtype not in TOKEN_DTYPES:
+        raise DataConfigError(f"{folder / 'meta.json'} says dtype {dtype!r}, not a token dtype "
+                              f"({' or '.join(TOKEN_DTYPES)}); re-run `gigagpt prepare --output {folder}`")
+    return dtype
+
+
+def check_size(path: Path, meta: dict, split: str) -> None:
+    """The file's size against meta.json's token count and dtype (a stale or foreign meta.json)."""
+    count, dtype = meta.get(f"{split}_tokens"), meta.get("dtype", "uint16")
+    if not isinstance(count, int) or not path.is_file():
+        return  # no count recorded; a missing file is open_tokens' to name
+    size, itemsize = path.stat().st_size, np.dtype(dtype).itemsize
+    if size == count * itemsize:
+        return
+    fits = [d for d in TOKEN_DTYPES if size == count * np.dtype(d).itemsize]
+    hint = f" (the size fits {fits[0]}: meta.json's dtype is wrong)" if fits else ""
+    raise DataConfigError(
+        f"{path.parent / 'meta.json'} does not match {path.name}: it says {split}_tokens={count} of "
+        f"{dtype} ({count * itemsize} bytes) but the file has {size} bytes{hint}; the files come from "
+        f"different runs of prepare: re-run `gigagpt prepare --output {path.parent} --force ...`"
+    )
+
+
+def checked_max_id(path: Path, tokens: np.ndarray, meta: dict, split: str) -> int:
+    """The largest token id: meta.json's, checked against the first and last ``SAMPLE_TOKENS`` of
+    the file (a full scan only for files made without it)."""
+    recorded = meta.get(f"{split}_max_token_id")
+    if not isinstance(recorded, int):
+        return max_token_id(tokens)
+    seen = max(int(tokens[:SAMPLE_TOKENS].max()), int(tokens[-SAMPLE_TOKENS:].max()))
+    if seen > recorded:
+        raise DataConfigError(
+            f"{path} holds token id {seen}, above the largest meta.json records "
+            f"({split}_max_token_id={recorded}): meta.json is stale or edited; re-run "
+            f"`gigagpt prepare --output {path.parent} --force ...`"
+        )
+    return recorded
 
 
 class WindowDataset(Dataset):
@@ -232,6 +282,8 @@ class GPTDataModule(L.LightningDataModule):
         val_batches: int | None = 20,
     ):
         super().__init__()
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise DataConfigError(f"data.seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
         self.path = path
         self.sequence_length = sequence_length
         self.batch_size = batch_size
@@ -255,6 +307,11 @@ class GPTDataModule(L.LightningDataModule):
                 "`gigagpt prepare` (e.g. --data.path data/builtin after `gigagpt prepare --builtin`)"
             )
         folder = Path(path)
+        if folder.is_file():
+            raise DataConfigError(
+                f"data.path {path!r} is a file, not a folder: point data.path at the folder holding "
+                f"train.bin, val.bin and meta.json (e.g. --data.path {folder.parent})"
+            )
         if not folder.is_dir():
             raise DataConfigError(
                 f"data.path {path!r} does not exist; run `gigagpt prepare --output {path} ...` "
@@ -271,7 +328,7 @@ class GPTDataModule(L.LightningDataModule):
                 "model.config.max_position_embeddings"
             )
         meta = read_meta(folder)
-        dtype = meta.get("dtype", "uint16")
+        dtype = meta_dtype(meta, folder)
         files = ResolvedData(str(folder / "train.bin"), str(folder / "val.bin"), dtype, meta)
         for split in ("train", "val") if check_val else ("train",):
             if split == "val" and meta.get("val_tokens") == 0:
@@ -280,23 +337,11 @@ class GPTDataModule(L.LightningDataModule):
                     f"{meta.get('val_fraction', 0)}; train without validation "
                     "(--trainer.limit_val_batches 0) or prepare again with --val-fraction > 0"
                 )
+            check_size(Path(getattr(files, split)), meta, split)
             tokens = open_tokens(getattr(files, split), dtype)
-            windows = (len(tokens) - 1) // self.sequence_length
-            if windows < self.batch_size * world_size:
-                batch = (f"data.batch_size={self.batch_size}" if world_size == 1 else
-                         f"data.batch_size={self.batch_size} on each of {world_size} devices")
-                more = ("prepare more text or a larger --val-fraction (the share of text in val.bin)"
-                        if split == "val" else "prepare more text")
-                raise DataConfigError(
-                    f"{split}.bin holds {len(tokens)} tokens = {windows} windows of "
-                    f"data.sequence_length={self.sequence_length}, fewer than one batch "
-                    f"({batch}); lower data.batch_size or data.sequence_length, or {more}"
-                )
+            self._check_windows(tokens, split, world_size)
             if vocab_size is not None:
-                # prepare records the largest id; scan only files made without it.
-                largest = meta.get(f"{split}_max_token_id")
-                if largest is None:
-                    largest = max_token_id(tokens)
+                largest = checked_max_id(Path(getattr(files, split)), tokens, meta, split)
                 if largest >= vocab_size:
                     raise DataConfigError(
                         f"{split}.bin contains token id {largest} but the model's vocab_size is "
@@ -305,6 +350,19 @@ class GPTDataModule(L.LightningDataModule):
                         "or prepare the data with the model's tokenizer"
                     )
         return files
+
+    def _check_windows(self, tokens: np.ndarray, split: str, world_size: int) -> None:
+        windows = (len(tokens) - 1) // self.sequence_length
+        if windows < self.batch_size * world_size:
+            batch = (f"data.batch_size={self.batch_size}" if world_size == 1 else
+                     f"data.batch_size={self.batch_size} on each of {world_size} devices")
+            more = ("prepare more text or a larger --val-fraction (the share of text in val.bin)"
+                    if split == "val" else "prepare more text")
+            raise DataConfigError(
+                f"{split}.bin holds {len(tokens)} tokens = {windows} windows of "
+                f"data.sequence_length={self.sequence_length}, fewer than one batch "
+                f"({batch}); lower data.batch_size or data.sequence_length, or {more}"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         model_config = None

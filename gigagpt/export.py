@@ -13,6 +13,7 @@ The output format follows the destination: a path ending in ``.ckpt`` is a Light
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -34,12 +35,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="cast the weights (default: keep the source's dtype)",
     )
+    parser.add_argument("--force", action="store_true", help="replace an existing destination file")
+
+
+def _has_cstorch() -> bool:
+    try:
+        return importlib.util.find_spec("cerebras.pytorch") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def check_destination(destination: Path, force: bool) -> None:
+    """Refuse, before any work, what would overwrite a file or could not be written."""
+    blocked = next((p for p in destination.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ValueError(f"cannot write {destination}: {blocked} is a file, not a folder; choose another destination")
+    if destination.suffix in (".ckpt", ".mdl") and destination.exists() and not force:
+        raise ValueError(f"destination {destination} exists (a training checkpoint?); pass --force to "
+                         "replace it, or choose another destination")
+    if destination.suffix == ".mdl" and not _has_cstorch():
+        raise ValueError(f"writing {destination} (a Cerebras .mdl) needs cerebras-pytorch (cstorch), which is "
+                         "not installed here: pip install \"gigagpt[cerebras]\" in its own environment, or "
+                         "export to a .ckpt / Hugging Face folder")
 
 
 def main(args: argparse.Namespace) -> Path:
     source, destination = Path(args.source), Path(args.destination)
     if source.resolve() == destination.resolve():
         raise ValueError("source and destination are the same path; choose another destination")
+    check_destination(destination, args.force)
     model = load_model(source)
     dtype = DTYPES[args.dtype] if args.dtype else None
     if destination.suffix == ".ckpt":

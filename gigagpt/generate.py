@@ -11,6 +11,7 @@ shifted inside a cache).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -27,18 +28,24 @@ DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 NO_TOKEN = -1
 
 
+MAX_NEW_TOKENS = 1 << 20  # the token buffer is (rows, prompt + max_new_tokens) int64s
+
+
 def check_sampling(
-    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, max_new_tokens: int = 0
+    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, max_new_tokens: int = 0,
+    names: dict[str, str] | None = None,
 ) -> None:
-    """Raise a ``ValueError`` naming the bad setting."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    """Raise a ``ValueError`` naming the bad setting (``names``: how the caller spells each)."""
+    name = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+            "max_new_tokens": "max_new_tokens", **(names or {})}
+    if not (temperature >= 0 and math.isfinite(temperature)):  # NaN compares false to everything
+        raise ValueError(f"{name['temperature']} must be >= 0 (0 means greedy), got {temperature}")
     if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 1 (or 0/None to keep every token), got {top_k}")
+        raise ValueError(f"{name['top_k']} must be >= 1 (or 0/None to keep every token), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise ValueError(f"{name['top_p']} must be in (0, 1] (1 keeps every token), got {top_p}")
+    if not 0 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ValueError(f"{name['max_new_tokens']} must be in [0, {MAX_NEW_TOKENS}], got {max_new_tokens}")
 
 
 def sample_next(

@@ -5,9 +5,9 @@ Streaming: text files are read in blocks, documents are cut into *pieces* of at 
 appended in batches of about a MB, so memory stays bounded on a corpus (or a single file) larger
 than RAM. Tokenization runs on all cores (tiktoken's batch encoder releases the GIL) and overlaps
 with writing. The piece is the unit of the train/val split, so a single ``input.txt`` splits too;
-the end-of-text token follows only the last piece of each document. Each output is written under
-a temporary name and renamed only when complete, so an interrupted run never leaves a file that
-looks finished.
+the end-of-text token follows only the last piece of each document. The three outputs are written
+into a temporary folder and put in place together (:mod:`gigagpt.dataset_folder`), so an
+interrupted run never leaves a set that looks finished, nor one file of a new set beside old ones.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gigagpt import dataset_folder as folder
 from gigagpt.tokenizer import Tokenizer, get_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")
@@ -57,7 +59,21 @@ def input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             files.append(path)
         else:
             raise FileNotFoundError(f"input {str(path)!r} does not exist")
+    for path in files:
+        check_text(path)
     return files
+
+
+BINARY_MAGIC = (b"\x7fELF", b"MZ", b"\x89PNG", b"PK\x03\x04", b"\x1f\x8b", b"%PDF", b"\x89HDF")
+
+
+def check_text(path: Path, head_bytes: int = 1 << 13) -> None:
+    """Refuse a file whose start shows it is not text (NUL bytes, a binary format's magic number)."""
+    with open(path, "rb") as f:
+        head = f.read(head_bytes)
+    if head.startswith(BINARY_MAGIC) or b"\x00" in head:
+        raise ValueError(f"input {str(path)!r} is not text (it holds NUL bytes or starts like a binary "
+                         "file); pass only text files (UTF-8 .txt, .md, .jsonl ...)")
 
 
 def text_blocks(path: str | os.PathLike, block_chars: int = BLOCK_CHARS) -> Iterator[str]:
@@ -75,20 +91,29 @@ def file_documents(files: Iterable[Path], block_chars: int = BLOCK_CHARS
     an iterator of blocks (``text_blocks``: never read whole)."""
     for path in files:
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(
-                            f"{path}:{line_no}: each .jsonl line must be a JSON object with a "
-                            "'text' field"
-                        ) from None
-                    yield text, len(line.encode("utf-8"))
+            with open(path, "rb") as f:
+                for line_no, raw in enumerate(f, 1):
+                    yield from _jsonl_text(path, line_no, raw)
         else:
             yield text_blocks(path, block_chars), path.stat().st_size
+
+
+def _jsonl_text(path: Path, line_no: int, raw: bytes) -> Iterator[tuple[str, int]]:
+    """The ``text`` string of one ``.jsonl`` line (nothing for a blank line)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}:{line_no}: not valid UTF-8 (byte {err.start + 1} of the line); "
+                         "save the file as UTF-8") from None
+    if not line.strip():
+        return
+    try:
+        text = json.loads(line)["text"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"{path}:{line_no}: each .jsonl line must be a JSON object with a 'text' field") from None
+    if not isinstance(text, str):
+        raise ValueError(f"{path}:{line_no}: the 'text' field must be a string, got {json.dumps(text)[:40]}")
+    yield text, len(raw)
 
 
 def _cut(blocks: Iterable[str | bytes], piece_bytes: int) -> Iterator[tuple[bytes, bool]]:
@@ -147,13 +172,13 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
-class _AtomicTokenFile:
-    """Appends token arrays to ``<name>.partial``; ``commit`` renames it into place."""
+class _TokenFile:
+    """Appends token arrays to ``path`` (inside the temporary folder ``prepare`` commits whole)."""
 
     def __init__(self, path: Path, dtype: str):
-        self.path, self.tmp = path, path.with_name(path.name + ".partial")
+        self.path = path
         self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.file = open(self.tmp, "wb")
+        self.file = open(path, "wb")
         self.count, self.max_id = 0, -1
 
     def write(self, pieces: list[list[int]], ends: list[bool], eot: int) -> None:
@@ -174,21 +199,8 @@ class _AtomicTokenFile:
         self.count += total
         self.max_id = max(self.max_id, int(arr.max()))
 
-    def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
+    def close(self) -> None:
         self.file.close()
-        os.replace(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _batches(pieces: Iterable[tuple[str, int, bool]], batch_bytes: int
@@ -217,6 +229,7 @@ def prepare(
     progress: bool = True,
     source: str = "",
     piece_bytes: int = PIECE_BYTES,
+    force: bool = False,
 ) -> dict:
     """Tokenize ``documents`` into ``output/{train,val}.bin`` and ``meta.json``; returns the meta.
 
@@ -227,23 +240,59 @@ def prepare(
     ``val_fraction`` (a seeded, deterministic draw in piece order). The latest piece is held back
     until the next one comes: if, at the end, val (with ``val_fraction > 0``) or train is still
     empty, that last piece goes there instead, so with 2 pieces or more neither split is empty.
+
+    The three files are written into a temporary folder and put in place together
+    (:mod:`gigagpt.dataset_folder`); an ``output`` holding a different dataset is refused unless
+    ``force``.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if piece_bytes < 4:
         raise ValueError(f"--piece-bytes must be at least 4 (one UTF-8 character), got {piece_bytes}")
-    num_threads = num_threads or os.cpu_count() or 1
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(tokenizer.vocab_size)
+    recipe = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "val_fraction": val_fraction,
+              "seed": seed, "piece_bytes": piece_bytes, "source": source}
+    folder.clean_stale(out)
+    folder.check_output(out, recipe, force)
+    made = folder.make_parents(out.parent)
+    tmp = None
+    try:
+        tmp = folder.temp_folder(out)
+        start = time.perf_counter()
+        stats = _tokenize(documents, tmp, tokenizer, val_fraction, seed, num_threads or os.cpu_count() or 1,
+                          batch_bytes, _progress(progress, total_bytes), piece_bytes)
+        meta = {
+            "tokenizer": tokenizer.name,
+            # the local ranks file, if any: what the training-time TextSamples load offline
+            "tokenizer_file": tokenizer.source_file,
+            "vocab_size": tokenizer.vocab_size,
+            "eot_token": tokenizer.eot_token,
+            "dtype": token_dtype(tokenizer.vocab_size),
+            **stats,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "source": source,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        folder.write_json(tmp / "meta.json", meta)
+        folder.commit(tmp, out)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        folder.remove_made(made)
+        raise
+    return meta
+
+
+def _tokenize(documents, out: Path, tokenizer: Tokenizer, val_fraction: float, seed: int, num_threads: int,
+              batch_bytes: int, bar: _progress, piece_bytes: int) -> dict:
+    """Writes ``out/{train,val}.bin``; returns their counts for meta.json."""
     eot = tokenizer.eot_token
-    files = {s: _AtomicTokenFile(out / f"{s}.bin", dtype) for s in ("train", "val")}
+    files = {s: _TokenFile(out / f"{s}.bin", token_dtype(tokenizer.vocab_size)) for s in ("train", "val")}
     rng = random.Random(seed)
     n_docs = {"train": 0, "val": 0}
     n_pieces = {"train": 0, "val": 0}
     read = 0
-    start = time.perf_counter()
-    bar = _progress(progress, total_bytes)
 
     def encode(batch: list[str]) -> list[list[int]]:
         return tokenizer.encode_batch(batch, num_threads=num_threads)
@@ -295,22 +344,11 @@ def prepare(
         write(split, [ids], [last])
         if files["train"].count == 0:
             raise ValueError("no training text: the inputs were empty")
-        for f in files.values():
-            f.commit()
-    except BaseException:
-        for f in files.values():
-            f.abort()
-        raise
     finally:
+        for f in files.values():
+            f.close()
         bar.close()
-    seconds = time.perf_counter() - start
-    meta = {
-        "tokenizer": tokenizer.name,
-        # the local ranks file, if any: what the training-time TextSamples load offline
-        "tokenizer_file": tokenizer.source_file,
-        "vocab_size": tokenizer.vocab_size,
-        "eot_token": eot,
-        "dtype": dtype,
+    return {
         "train_tokens": files["train"].count,
         "val_tokens": files["val"].count,
         "train_documents": n_docs["train"],  # documents that end in each split (its end-of-text tokens)
@@ -319,14 +357,8 @@ def prepare(
         "piece_bytes": piece_bytes,
         "train_max_token_id": files["train"].max_id,
         "val_max_token_id": files["val"].max_id,
-        "val_fraction": val_fraction,
-        "seed": seed,
-        "source": source,
         "text_bytes": read,
-        "seconds": round(seconds, 3),
     }
-    write_json_atomic(out / "meta.json", meta)
-    return meta
 
 
 class _progress:
@@ -375,6 +407,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=2357, help="seed of the train/val split")
     parser.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a different dataset already in --output (the same one is rebuilt freely)")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -398,7 +432,7 @@ def main(args: argparse.Namespace) -> dict:
         val_fraction = 0.0005 if args.val_fraction is None else args.val_fraction
     meta = prepare(docs, output, tokenizer, val_fraction=val_fraction, seed=args.seed,
                    num_threads=args.threads, total_bytes=total, piece_bytes=args.piece_bytes,
-                   progress=not args.no_progress and sys.stderr.isatty(), source=source)
+                   progress=not args.no_progress and sys.stderr.isatty(), source=source, force=args.force)
     mb = meta["text_bytes"] / 1e6
     print(
         f"wrote {output}/train.bin ({meta['train_tokens']:,} tokens) and val.bin "

@@ -19,6 +19,8 @@ from gigagpt.convert import load_model
 from gigagpt.generate import NO_TOKEN, check_sampling, generate_stream
 from gigagpt.tokenizer import GPT2_VOCAB, Tokenizer, get_tokenizer
 
+FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+         "max_new_tokens": "--max-new-tokens"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -196,7 +198,7 @@ def interactive(model, tokenizer, args, device) -> None:
 
 
 def main(args: argparse.Namespace) -> list[str] | None:
-    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, names=FLAGS)
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     device = resolve_device(args.device)
