@@ -18,18 +18,12 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 DATASET_FILES = ("train.bin", "val.bin", "meta.json")
 # what decides the dataset a folder holds; a rerun with the same recipe may replace it
 RECIPE_KEYS = ("tokenizer", "vocab_size", "val_fraction", "seed", "piece_bytes", "source")
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-
-
-def _step(name: str, fn: Callable, *args):
-    """Every commit step goes through here: the kill test stops the process at each of them."""
-    return fn(*args)
 
 
 def fsync_file(path: Path) -> None:
@@ -148,17 +142,17 @@ def _exchange(a: Path, b: Path) -> bool:
 def commit(tmp: Path, out: Path) -> None:
     """Put the complete, fsynced folder ``tmp`` in place of ``out`` in one step."""
     for name in DATASET_FILES:
-        _step(f"fsync {name}", fsync_file, tmp / name)
-    _step("fsync the temporary folder", fsync_dir, tmp)
+        fsync_file(tmp / name)
+    fsync_dir(tmp)
     if out.is_dir() and any(out.iterdir()):
-        if _step("exchange", _exchange, tmp, out):
+        if _exchange(tmp, out):
             old = tmp  # the old set now lies under the temporary name
         else:
             old = out.with_name(f".{out.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
-            _step("move the old set aside", os.rename, out, old)
-            _step("rename", os.rename, tmp, out)
-        _step("fsync the parent folder", fsync_dir, out.parent)
-        _step("remove the old set", shutil.rmtree, old)
+            os.rename(out, old)
+            os.rename(tmp, out)
+        fsync_dir(out.parent)
+        shutil.rmtree(old)
     else:
-        _step("rename", os.replace, tmp, out)  # onto nothing, or an empty folder
-        _step("fsync the parent folder", fsync_dir, out.parent)
+        os.replace(tmp, out)  # onto nothing, or an empty folder
+        fsync_dir(out.parent)

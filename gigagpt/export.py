@@ -59,6 +59,15 @@ def check_destination(destination: Path, force: bool) -> None:
                          "export to a .ckpt / Hugging Face folder")
 
 
+def _save(model, destination: Path, dtype) -> tuple[Path, str]:
+    if destination.suffix == ".ckpt":
+        return save_lightning_checkpoint(model if dtype is None else model.to(dtype), destination), \
+            "Lightning checkpoint"
+    if destination.suffix == ".mdl":
+        return save_mdl(model if dtype is None else model.to(dtype), destination), "Cerebras checkpoint"
+    return save_hf(model, destination, dtype=dtype), "Hugging Face GPT2LMHeadModel folder"
+
+
 def main(args: argparse.Namespace) -> Path:
     source, destination = Path(args.source), Path(args.destination)
     if source.resolve() == destination.resolve():
@@ -66,19 +75,11 @@ def main(args: argparse.Namespace) -> Path:
     check_destination(destination, args.force)
     model = load_model(source)
     dtype = DTYPES[args.dtype] if args.dtype else None
-    if destination.suffix == ".ckpt":
-        if dtype is not None:
-            model = model.to(dtype)
-        out = save_lightning_checkpoint(model, destination)
-        kind = "Lightning checkpoint"
-    elif destination.suffix == ".mdl":
-        if dtype is not None:
-            model = model.to(dtype)
-        out = save_mdl(model, destination)
-        kind = "Cerebras checkpoint"
-    else:
-        out = save_hf(model, destination, dtype=dtype)
-        kind = "Hugging Face GPT2LMHeadModel folder"
+    try:
+        out, kind = _save(model, destination, dtype)
+    except OSError as err:  # an unwritable folder, a full disk: name the destination, not a temp file
+        raise ValueError(f"cannot write {destination}: {err.strerror or err}; check that its folder is "
+                         "writable and has free space, or choose another destination") from None
     c = model.config
     sys.stdout.write(
         f"wrote {out} ({kind}; depth {c.depth}, width {c.width}, heads {c.heads}, "

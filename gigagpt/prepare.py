@@ -254,9 +254,9 @@ def prepare(
               "seed": seed, "piece_bytes": piece_bytes, "source": source}
     folder.clean_stale(out)
     folder.check_output(out, recipe, force)
-    made = folder.make_parents(out.parent)
-    tmp = None
+    tmp, made = None, []
     try:
+        made = folder.make_parents(out.parent)
         tmp = folder.temp_folder(out)
         start = time.perf_counter()
         stats = _tokenize(documents, tmp, tokenizer, val_fraction, seed, num_threads or os.cpu_count() or 1,
@@ -276,10 +276,14 @@ def prepare(
         }
         folder.write_json(tmp / "meta.json", meta)
         folder.commit(tmp, out)
-    except BaseException:
+    except BaseException as err:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         folder.remove_made(made)
+        if isinstance(err, OSError) and (tmp is None or str(tmp) in str(err.filename)):
+            # the output side: name --output, not the temporary folder
+            raise ValueError(f"cannot write --output {out}: {err.strerror or err}; check that its folder is "
+                             "writable and has free space, or choose another --output") from None
         raise
     return meta
 

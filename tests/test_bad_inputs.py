@@ -166,6 +166,8 @@ ROWS = [
         "--output", write("in.txt", "text\n" * 500), fork=False),
     Row("prepare_output_under_a_file", ["prepare", "{d}/in.txt", "-o", "{d}/in.txt/out", "--tokenizer=bytes"],
         "in.txt/out", write("in.txt", "text\n" * 500), fork=False),
+    Row("prepare_output_not_writable", ["prepare", "--builtin", "-o", "/proc/gigagpt-out"], "/proc/gigagpt-out",
+        fork=False),
     Row("prepare_input_missing", ["prepare", "{d}/nope.txt", "-o", "{d}/out"], "nope.txt", fork=False),
     Row("prepare_folder_without_text", ["prepare", "{d}/empty", "-o", "{d}/out"], "empty",
         write("empty/x.bin", bytes(10)), fork=False),
@@ -200,6 +202,7 @@ ROWS = [
         lambda d, shared: shutil.copy(shared["ckpt"], d / "last.ckpt")),
     Row("export_to_mdl_without_cstorch", ["export", "{ckpt}", "{d}/out.mdl"], "writing", skip=NO_CSTORCH_ONLY),
     Row("export_under_a_file", ["export", "{ckpt}", "{d}/f.txt/out.ckpt"], "f.txt/out.ckpt", write("f.txt", "x")),
+    Row("export_folder_not_writable", ["export", "{ckpt}", "/proc/gigagpt-out.ckpt"], "/proc/gigagpt-out.ckpt"),
     Row("export_same_path", ["export", "{ckpt}", "{ckpt}"], "same path"),
     Row("export_source_missing", ["export", "{d}/nope.ckpt", "{d}/out.ckpt"], "nope.ckpt"),
     # -- plot ---------------------------------------------------------------------------------------
