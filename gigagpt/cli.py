@@ -19,7 +19,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from accelerators.errors import CerebrasError
 from callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRichProgressBar, ThroughputMFU
@@ -171,11 +171,10 @@ def check_run(subcommand: str | None, model, datamodule, trainer) -> None:
             raise ConfigError("trainer.max_steps is 0: the run would train nothing and save no checkpoint; "
                               "set trainer.max_steps > 0 (or -1 with trainer.max_epochs)")
         if optim is not None and 0 < trainer.max_steps < optim.warmup_steps:
-            raise ConfigError(
-                f"model.optim.warmup_steps={optim.warmup_steps} is longer than the run "
-                f"(trainer.max_steps={trainer.max_steps}): the learning rate would never reach "
-                f"model.optim.lr; lower model.optim.warmup_steps or raise trainer.max_steps"
-            )
+            # a warning, not a refusal: a short smoke run of a real config is a common, meant thing
+            _warn(f"model.optim.warmup_steps={optim.warmup_steps} is longer than the run "
+                  f"(trainer.max_steps={trainer.max_steps}): the learning rate never reaches "
+                  f"model.optim.lr={optim.lr}; lower model.optim.warmup_steps for a full schedule")
     check_csx_tools(trainer.strategy)
     config = getattr(model, "config", None)
     if isinstance(datamodule, GPTDataModule) and subcommand in ("fit", "validate", "test"):
@@ -184,6 +183,12 @@ def check_run(subcommand: str | None, model, datamodule, trainer) -> None:
             world_size=trainer.world_size,
             check_val=not (subcommand == "fit" and trainer.limit_val_batches == 0),
         )
+
+
+@rank_zero_only
+def _warn(message: str) -> None:
+    sys.stderr.write(f"gigagpt: warning: {message}\n")
+    sys.stderr.flush()
 
 
 def check_csx_tools(strategy) -> None:

@@ -111,7 +111,6 @@ ROWS = [
     Row("lr_negative", fit("--model.optim.lr=-1"), "model.optim.lr"),
     Row("min_lr_ratio", fit("--model.optim.min_lr_ratio=2"), "model.optim.min_lr_ratio"),
     Row("max_steps_zero", fit("--trainer.max_steps=0"), "trainer.max_steps"),
-    Row("warmup_longer_than_run", fit("--model.optim.warmup_steps=10"), "model.optim.warmup_steps"),
     Row("width_not_divisible", fit("--model.config.width=50"), "model.config.width"),
     Row("sequence_over_context", fit("--data.sequence_length=128"), "data.sequence_length"),
     Row("batch_size_zero", fit("--data.batch_size=0"), "data.batch_size"),

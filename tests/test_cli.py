@@ -157,3 +157,22 @@ def test_sequence_longer_than_context_is_refused(builtin_bytes, tmp_path):
     assert proc.returncode != 0
     assert "data.sequence_length=512 exceeds the model's max_position_embeddings=256" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_warmup_longer_than_the_run_is_one_warning_line(builtin_bytes, tmp_path):
+    """A smoke run of a real config is meant; a schedule that never reaches its peak is said, once."""
+    proc = run_gigagpt("fit", "--config", str(ROOT / "configs/tiny.yaml"), f"--data.path={builtin_bytes}",
+                       "--trainer.max_steps=2", "--model.optim.warmup_steps=10", "--trainer.logger=false",
+                       "--trainer.limit_val_batches=0", "--samples.every_n_steps=0", "--model.config.depth=1",
+                       "--data.batch_size=2", "--data.sequence_length=64", f"--checkpoint.dirpath={tmp_path}/ckpt",
+                       f"--trainer.default_root_dir={tmp_path}", cwd=tmp_path)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("gigagpt: warning:")]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    assert "model.optim.warmup_steps=10 is longer than the run (trainer.max_steps=2)" in warnings[0]
+    assert "max_steps=2` reached" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("command", ["fit", "prepare"])
+def test_help_still_prints_the_usage(command):
+    proc = run_gigagpt(command, "--help")
+    assert proc.stdout.startswith("usage: gigagpt") and "--help" in proc.stdout
