@@ -13,7 +13,6 @@ of ranks.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,98 +23,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from gigagpt.errors import ConfigError
+from gigagpt.token_files import (  # noqa: F401  (part of the data interface)
+    DataConfigError,
+    check_size,
+    checked_max_id,
+    max_token_id,
+    meta_dtype,
+    open_tokens,
+    read_meta,
+)
 
 MAX_SEED = 2**32 - 1  # numpy's seeds (window_order)
 PLACEHOLDER_MARKERS = ("/path/to", "<path", "path/to/", "changeme", "YOUR_")
-
-
-class DataConfigError(ConfigError):
-    """A data setting is wrong; the message names the setting and the fix."""
-
-
-# -- token files ------------------------------------------------------------------------------------
-def read_meta(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / "meta.json"
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataConfigError(f"{path} is not valid JSON ({err}); re-run `gigagpt prepare`") from None
-    if not isinstance(meta, dict):
-        raise DataConfigError(f"{path} does not hold a JSON object; re-run `gigagpt prepare`")
-    return meta
-
-
-def open_tokens(path: str | os.PathLike, dtype: str = "uint16") -> np.memmap:
-    """Memory-map a token file, with clear errors for missing, empty or truncated files."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataConfigError(
-            f"token file {str(path)!r} does not exist; make it with `gigagpt prepare --output "
-            f"{path.parent}` (or point data.path at a folder holding train.bin and val.bin)"
-        )
-    itemsize = np.dtype(dtype).itemsize
-    size = path.stat().st_size
-    if size == 0:
-        raise DataConfigError(f"token file {str(path)!r} is empty; re-run `gigagpt prepare`")
-    if size % itemsize:
-        raise DataConfigError(
-            f"token file {str(path)!r} has {size} bytes, not a multiple of {itemsize} ({dtype}): "
-            "it is truncated or not a token file; re-run `gigagpt prepare`"
-        )
-    return np.memmap(path, dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
-
-
-def max_token_id(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
-    return int(max(tokens[i : i + chunk].max() for i in range(0, len(tokens), chunk)))
-
-
-# -- meta.json checked against the files -------------------------------------------------------------
-TOKEN_DTYPES = ("uint16", "uint32")
-SAMPLE_TOKENS = 1 << 20  # tokens read at each end of a file to check meta.json's largest id
-
-
-def meta_dtype(meta: dict, folder: Path) -> str:
-    dtype = meta.get("dtype", "uint16")
-    if dtype not in TOKEN_DTYPES:
-        raise DataConfigError(f"{folder / 'meta.json'} says dtype {dtype!r}, not a token dtype "
-                              f"({' or '.join(TOKEN_DTYPES)}); re-run `gigagpt prepare --output {folder}`")
-    return dtype
-
-
-def check_size(path: Path, meta: dict, split: str) -> None:
-    """The file's size against meta.json's token count and dtype (a stale or foreign meta.json)."""
-    count, dtype = meta.get(f"{split}_tokens"), meta.get("dtype", "uint16")
-    if not isinstance(count, int) or not path.is_file():
-        return  # no count recorded; a missing file is open_tokens' to name
-    size, itemsize = path.stat().st_size, np.dtype(dtype).itemsize
-    if size == count * itemsize:
-        return
-    fits = [d for d in TOKEN_DTYPES if size == count * np.dtype(d).itemsize]
-    hint = f" (the size fits {fits[0]}: meta.json's dtype is wrong)" if fits else ""
-    raise DataConfigError(
-        f"{path.parent / 'meta.json'} does not match {path.name}: it says {split}_tokens={count} of "
-        f"{dtype} ({count * itemsize} bytes) but the file has {size} bytes{hint}; the files come from "
-        f"different runs of prepare: re-run `gigagpt prepare --output {path.parent} --force ...`"
-    )
-
-
-def checked_max_id(path: Path, tokens: np.ndarray, meta: dict, split: str) -> int:
-    """The largest token id: meta.json's, checked against the first and last ``SAMPLE_TOKENS`` of
-    the file (a full scan only for files made without it)."""
-    recorded = meta.get(f"{split}_max_token_id")
-    if not isinstance(recorded, int):
-        return max_token_id(tokens)
-    seen = max(int(tokens[:SAMPLE_TOKENS].max()), int(tokens[-SAMPLE_TOKENS:].max()))
-    if seen > recorded:
-        raise DataConfigError(
-            f"{path} holds token id {seen}, above the largest meta.json records "
-            f"({split}_max_token_id={recorded}): meta.json is stale or edited; re-run "
-            f"`gigagpt prepare --output {path.parent} --force ...`"
-        )
-    return recorded
 
 
 class WindowDataset(Dataset):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import random
 import shutil
@@ -27,93 +26,21 @@ from pathlib import Path
 import numpy as np
 
 from gigagpt import dataset_folder as folder
+from gigagpt.sources import (  # noqa: F401  (the sources are part of prepare's interface)
+    BLOCK_CHARS,
+    TEXT_SUFFIXES,
+    builtin_documents,
+    check_text,
+    file_documents,
+    input_files,
+    text_blocks,
+)
 from gigagpt.tokenizer import Tokenizer, get_tokenizer
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")
 # The unit of the train/val split. Small enough that a ~1 MB file splits with roughly the asked
 # proportions and that a batch holds several pieces to tokenize in parallel; large enough that the
 # per-piece work (a draw, a cut) is nothing next to tokenizing it.
 PIECE_BYTES = 1 << 16
-BLOCK_CHARS = 1 << 20  # text files are read this many characters at a time
-
-
-# -- sources -----------------------------------------------------------------------------------------
-def builtin_documents() -> Iterator[str]:
-    """CPython's own reference documentation (``pydoc_data.topics``): ~465 kB of English, offline."""
-    from pydoc_data.topics import topics
-
-    for key in sorted(topics):
-        yield topics[key]
-
-
-def input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    files = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"folder {str(path)!r} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"input {str(path)!r} does not exist")
-    for path in files:
-        check_text(path)
-    return files
-
-
-BINARY_MAGIC = (b"\x7fELF", b"MZ", b"\x89PNG", b"PK\x03\x04", b"\x1f\x8b", b"%PDF", b"\x89HDF")
-
-
-def check_text(path: Path, head_bytes: int = 1 << 13) -> None:
-    """Refuse a file whose start shows it is not text (NUL bytes, a binary format's magic number)."""
-    with open(path, "rb") as f:
-        head = f.read(head_bytes)
-    if head.startswith(BINARY_MAGIC) or b"\x00" in head:
-        raise ValueError(f"input {str(path)!r} is not text (it holds NUL bytes or starts like a binary "
-                         "file); pass only text files (UTF-8 .txt, .md, .jsonl ...)")
-
-
-def text_blocks(path: str | os.PathLike, block_chars: int = BLOCK_CHARS) -> Iterator[str]:
-    """A text file as consecutive blocks of at most ``block_chars`` characters, read lazily (the file
-    is opened on the first ``next``). Decoded as ``read_text`` would: UTF-8, invalid bytes replaced,
-    universal newlines."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        while block := f.read(block_chars):
-            yield block
-
-
-def file_documents(files: Iterable[Path], block_chars: int = BLOCK_CHARS
-                   ) -> Iterator[tuple[str | Iterator[str], int]]:
-    """(document, bytes) pairs: a ``.jsonl`` line's ``text`` field (a ``str``), or a text file as
-    an iterator of blocks (``text_blocks``: never read whole)."""
-    for path in files:
-        if path.suffix == ".jsonl":
-            with open(path, "rb") as f:
-                for line_no, raw in enumerate(f, 1):
-                    yield from _jsonl_text(path, line_no, raw)
-        else:
-            yield text_blocks(path, block_chars), path.stat().st_size
-
-
-def _jsonl_text(path: Path, line_no: int, raw: bytes) -> Iterator[tuple[str, int]]:
-    """The ``text`` string of one ``.jsonl`` line (nothing for a blank line)."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}:{line_no}: not valid UTF-8 (byte {err.start + 1} of the line); "
-                         "save the file as UTF-8") from None
-    if not line.strip():
-        return
-    try:
-        text = json.loads(line)["text"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f"{path}:{line_no}: each .jsonl line must be a JSON object with a 'text' field") from None
-    if not isinstance(text, str):
-        raise ValueError(f"{path}:{line_no}: the 'text' field must be a string, got {json.dumps(text)[:40]}")
-    yield text, len(raw)
 
 
 def _cut(blocks: Iterable[str | bytes], piece_bytes: int) -> Iterator[tuple[bytes, bool]]:

@@ -186,3 +186,38 @@ def test_uint32_files_via_meta(tmp_path):
     assert files.dtype == "uint32"
     x, _ = WindowDataset(files.train, 8, "uint32")[0]
     assert x[0].item() == 70000
+
+
+def _copy(src, dst, **meta_changes):
+    import shutil
+
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "meta.json").read_text())
+    meta.update(meta_changes)
+    (dst / "meta.json").write_text(json.dumps(meta))
+    return GPTDataModule(path=str(dst), sequence_length=64, batch_size=2)
+
+
+def test_meta_json_is_checked_against_the_files(builtin_bytes, tmp_path):
+    meta = json.loads((builtin_bytes / "meta.json").read_text())
+    with pytest.raises(DataConfigError, match=r"meta.json does not match train.bin.*the size fits uint16"):
+        _copy(builtin_bytes, tmp_path / "a", dtype="uint32").resolve()
+    with pytest.raises(DataConfigError, match=r"meta.json does not match train.bin: it says train_tokens="):
+        _copy(builtin_bytes, tmp_path / "b", train_tokens=meta["train_tokens"] - 1).resolve()
+    with pytest.raises(DataConfigError, match=r"says dtype 'int8', not a token dtype"):
+        _copy(builtin_bytes, tmp_path / "c", dtype="int8").resolve()
+    with pytest.raises(DataConfigError, match=r"train.bin holds token id \d+, above the largest meta.json records"):
+        _copy(builtin_bytes, tmp_path / "d", train_max_token_id=50).resolve(vocab_size=256)
+    _copy(builtin_bytes, tmp_path / "e").resolve(vocab_size=256)  # the untouched copy passes
+
+
+def test_data_path_that_is_a_file_says_so(builtin_bytes):
+    dm = GPTDataModule(path=str(builtin_bytes / "train.bin"))
+    with pytest.raises(DataConfigError, match=r"is a file, not a folder: point data.path at the folder"):
+        dm.resolve()
+
+
+@pytest.mark.parametrize("seed", [-5, 2**32, True])
+def test_data_seed_outside_numpys_range_is_refused(seed):
+    with pytest.raises(DataConfigError, match="data.seed must be an integer in"):
+        GPTDataModule(seed=seed)

@@ -310,3 +310,43 @@ def test_builtin_with_val_fraction_zero_has_no_val_split(tmp_path):
     train, val, meta = _splits(tmp_path / "b")
     assert meta["val_fraction"] == 0 and meta["val_tokens"] == 0 and len(val) == 0
     assert meta["pieces"]["val"] == 0 and meta["train_documents"] == len(list(builtin_documents()))
+
+
+def test_a_different_dataset_is_replaced_only_with_force(tmp_path):
+    docs = [("alpha " * 200, 1200), ("beta " * 200, 1000)]
+    first = prepare(iter(docs), tmp_path / "d", bytes_tokenizer(), val_fraction=0.3, seed=1, progress=False)
+    again = prepare(iter(docs), tmp_path / "d", bytes_tokenizer(), val_fraction=0.3, seed=1, progress=False)
+    assert again["train_tokens"] == first["train_tokens"]  # the same recipe rebuilds freely
+    before = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()}
+    with pytest.raises(ValueError, match="already holds a different dataset.*--force"):
+        prepare(iter(docs), tmp_path / "d", bytes_tokenizer(), val_fraction=0.3, seed=2, progress=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir()} == before
+    prepare(iter(docs), tmp_path / "d", bytes_tokenizer(), val_fraction=0.3, seed=2, progress=False, force=True)
+    assert json.loads((tmp_path / "d" / "meta.json").read_text())["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary folder left
+
+
+def test_an_output_with_other_files_is_refused_even_with_force(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a gigagpt dataset"):
+        prepare(iter([("text " * 100, 500)]), tmp_path, bytes_tokenizer(), val_fraction=0.0, progress=False,
+                force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_failed_run_removes_the_folders_it_made(tmp_path):
+    with pytest.raises(ValueError, match="no training text"):
+        prepare(iter([]), tmp_path / "a" / "b" / "out", bytes_tokenizer(), val_fraction=0.0, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_binary_inputs_and_non_string_jsonl_text_are_refused(tmp_path):
+    (tmp_path / "prog.txt").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(100))
+    with pytest.raises(ValueError, match="prog.txt' is not text"):
+        input_files([tmp_path / "prog.txt"])
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "ok"}\n{"text": null}\n')
+    with pytest.raises(ValueError, match=r"a.jsonl:2: the 'text' field must be a string, got null"):
+        list(file_documents([tmp_path / "a.jsonl"]))
+    (tmp_path / "b.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="b.jsonl:1: not valid UTF-8"):
+        list(file_documents([tmp_path / "b.jsonl"]))
