@@ -189,6 +189,8 @@ ROWS = [
     Row("sample_temperature_nan", ["sample", "{ckpt}", "--prompt=a", "--temperature=nan"], "--temperature"),
     Row("sample_max_new_tokens_huge", ["sample", "{ckpt}", "--prompt=a", "--max-new-tokens=10000000000"],
         "--max-new-tokens"),
+    Row("sample_max_new_tokens_not_an_integer", ["sample", "{ckpt}", "--prompt=a", "--max-new-tokens=1e10"],
+        "--max-new-tokens"),
     Row("sample_top_p", ["sample", "{ckpt}", "--prompt=a", "--top-p=2"], "--top-p"),
     Row("sample_top_k_negative", ["sample", "{ckpt}", "--prompt=a", "--top-k=-1"], "--top-k"),
     Row("sample_num_samples_zero", ["sample", "{ckpt}", "--prompt=a", "--num-samples=0"], "--num-samples"),
