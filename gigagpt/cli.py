@@ -80,7 +80,7 @@ class GigaCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         # Before the loggers make their folders: a refused run leaves nothing behind.
-        check_run(self.subcommand, self.model, self.datamodule, trainer)
+        check_run(self.subcommand, self.model, trainer)
         return trainer
 
     def _set_seed(self) -> None:
@@ -163,7 +163,7 @@ class GigaCLI(LightningCLI):
                               "with, or start fresh with --resume never (or another checkpoint.dirpath)")
 
 
-def check_run(subcommand: str | None, model, datamodule, trainer) -> None:
+def check_run(subcommand: str | None, model, trainer) -> None:
     """One line for a run that would do nothing, or not what was meant, before it starts."""
     optim = getattr(model, "optim", None)
     if subcommand == "fit":
@@ -176,13 +176,7 @@ def check_run(subcommand: str | None, model, datamodule, trainer) -> None:
                   f"(trainer.max_steps={trainer.max_steps}): the learning rate never reaches "
                   f"model.optim.lr={optim.lr}; lower model.optim.warmup_steps for a full schedule")
     check_csx_tools(trainer.strategy)
-    config = getattr(model, "config", None)
-    if isinstance(datamodule, GPTDataModule) and subcommand in ("fit", "validate", "test"):
-        datamodule.resolve(
-            getattr(config, "vocab_size", None), getattr(config, "max_position_embeddings", None),
-            world_size=trainer.world_size,
-            check_val=not (subcommand == "fit" and trainer.limit_val_batches == 0),
-        )
+    # (The data files are checked in GPTDataModule.prepare_data, also before any folder is made.)
 
 
 @rank_zero_only

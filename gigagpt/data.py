@@ -283,6 +283,10 @@ class GPTDataModule(L.LightningDataModule):
                 f"({batch}); lower data.batch_size or data.sequence_length, or {more}"
             )
 
+    def prepare_data(self) -> None:
+        # Lightning calls this before the loggers make their folders: refused data leaves none behind.
+        self.setup(self.trainer.state.fn.value if self.trainer is not None and self.trainer.state.fn else None)
+
     def setup(self, stage: str | None = None) -> None:
         model_config = None
         if self.trainer is not None and self.trainer.lightning_module is not None:
