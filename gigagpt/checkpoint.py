@@ -113,11 +113,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return safe_load(path, map_location=map_location or "cpu", weights_only=weights_only)
 
 
-def safe_load(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = True) -> dict:
-    """``torch.load`` with ``weights_only`` (tensors and plain data only) and clear errors."""
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+    """Any checkpoint file gigagpt reads, as tensors and plain data only, with clear errors.
+
+    The one loading function of every command (``fit --ckpt_path`` and auto-resume, ``validate``,
+    ``sample``, ``export``, conversion): ``torch.save`` files (``.ckpt``, ``.pt``, a Hugging Face
+    ``pytorch_model.bin``) through ``torch.load(weights_only=True)``, cstorch's HDF5 ``.mdl`` files
+    (whatever their name) through :func:`gigagpt.mdl.read_mdl`. No code from the file runs.
+    """
     path = Path(path)
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {str(path)!r} is empty (a write was interrupted); use an earlier checkpoint")
+    from gigagpt.mdl import is_hdf5, read_mdl
+
+    if is_hdf5(path):
+        ckpt = read_mdl(path)
+        if map_location not in (None, "cpu"):
+            ckpt = torch.utils._pytree.tree_map(
+                lambda v: v.to(map_location) if isinstance(v, torch.Tensor) else v, ckpt)
+        return ckpt
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
