@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from gigagpt.errors import ConfigError
+
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _SPEC, _META, _OBJECTS, _TYPE = "__spec__", "__metadata__", "__objects__", "__TYPE__"
 # Containers the pytree spec may name; their children are rebuilt, nothing is imported by name.
@@ -41,7 +43,7 @@ _TORCH_DTYPES = {str(t): t for t in (torch.float64, torch.float32, torch.float16
                                      torch.bool)}
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(ConfigError):
     """The file holds something that could only be read by running code from it."""
 
 
@@ -137,7 +139,7 @@ def read_mdl(path: str | os.PathLike) -> Any:
         import h5py
         import hdf5plugin  # noqa: F401  (registers the LZ4 filter cstorch compresses with)
     except ImportError:
-        raise ValueError(f"{os.fspath(path)} is a Cerebras .mdl (HDF5) checkpoint; reading it needs h5py and "
+        raise ConfigError(f"{os.fspath(path)} is a Cerebras .mdl (HDF5) checkpoint; reading it needs h5py and "
                          "hdf5plugin: pip install \"gigagpt[cerebras]\" (they come with cerebras-pytorch)") from None
     try:
         with h5py.File(path, "r") as f:
@@ -145,7 +147,7 @@ def read_mdl(path: str | os.PathLike) -> Any:
             if float(attrs.get("__version__", 0)) < 0.5:
                 raise UnsafeCheckpointError("it is in cstorch's legacy format, whose structure is a pickle")
             if not attrs.get("__SUCCESS__", False):
-                raise ValueError("it is incomplete (its write was interrupted)")
+                raise UnsafeCheckpointError("it is incomplete (its write was interrupted)")
             tree, top_keys = _spec(attrs[_SPEC])
             values: dict[str, Any] = {}
             for top in top_keys:
@@ -160,5 +162,24 @@ def read_mdl(path: str | os.PathLike) -> Any:
             f"checkpoint {os.fspath(path)!r} is not loaded: {err}; only tensors and plain data are read "
             "from checkpoints") from None
     except (OSError, KeyError, TypeError, json.JSONDecodeError, pickle.UnpicklingError, EOFError) as err:
-        raise ValueError(f"checkpoint {os.fspath(path)!r} is unreadable ({type(err).__name__}: {err}); it may be "
+        raise ConfigError(f"checkpoint {os.fspath(path)!r} is unreadable ({type(err).__name__}: {err}); it may be "
                          "truncated or not a checkpoint. Use an earlier checkpoint") from None
+
+
+def mdl_global_step(path: str | os.PathLike) -> int | None:
+    """A complete ``.mdl`` Lightning checkpoint's ``global_step`` from its attributes alone (cheap at
+    any size); ``None`` for an incomplete or foreign file or without h5py."""
+    try:
+        import h5py
+        import hdf5plugin  # noqa: F401
+    except ImportError:
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            if float(f.attrs.get("__version__", 0)) < 0.5 or not f.attrs.get("__SUCCESS__", False):
+                return None
+            meta = json.loads(f.attrs["global_step.__metadata__"])["global_step.__metadata__"]
+            step = meta.get("scalar_value") if meta.get(_TYPE) == "ScalarSerializer" else None
+            return step if isinstance(step, int) else None
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
