@@ -135,8 +135,8 @@ class GigaCLI(LightningCLI):
         config = self.config_init["fit"]
         folders = checkpoint_dirs(self.trainer)
         if rank_zero_only.rank == 0:  # DDP's other ranks run this too, after rank 0 holds the lock
-            self._run_locks = [RunLock(folder).acquire() for folder in folders]
             preflight(folders, log_dirs(self.trainer), self.model)
+            self._run_locks = [RunLock(folder).acquire() for folder in folders]
         # (An explicit --ckpt_path takes the model's shape from the checkpoint: _parse_ckpt_path.)
         if config.get("ckpt_path") is not None or config.get("resume", "auto") != "auto":
             return
@@ -154,6 +154,7 @@ class GigaCLI(LightningCLI):
         self._check_resume(path, info)
         rank_zero_info(f"gigagpt: resuming from {path} (step {info['step']}; --resume never to start fresh)")
         config["ckpt_path"] = str(path)
+        _overwrite_own_names(self.trainer)
 
     def after_fit(self) -> None:
         for lock in getattr(self, "_run_locks", []):
@@ -179,6 +180,14 @@ class GigaCLI(LightningCLI):
             raise ConfigError(f"cannot resume from {path}: it holds a different model "
                               f"({', '.join(differences)}); resume with the model.config it was trained "
                               "with, or start fresh with --resume never (or another checkpoint.dirpath)")
+
+
+def _overwrite_own_names(trainer) -> None:
+    """A resumed run rewrites its own checkpoint names (atomically) instead of adding ``-v1`` copies
+    beside files it wrote before it was interrupted."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            callback._enable_version_counter = False
 
 
 def checkpoint_dirs(trainer) -> list[Path]:

@@ -68,11 +68,11 @@ def _writable(folder: Path, setting: str) -> None:
 
 
 def checkpoint_bytes(module) -> int:
-    """A checkpoint's size, estimated: the weights at their dtype plus AdamW's two float32 moments."""
-    total = 0
-    for p in module.parameters():
-        total += p.numel() * (p.element_size() + 8)
-    return total
+    """A checkpoint's size, estimated: float32 weights plus AdamW's two float32 moments per parameter
+    (the model need not be built yet: GPTModule builds it in ``configure_model``)."""
+    config = getattr(module, "config", None)
+    count = config.num_params() if hasattr(config, "num_params") else sum(p.numel() for p in module.parameters())
+    return count * (4 + 8)
 
 
 def preflight(checkpoint_dirs: list[Path], log_dirs: list[Path], module) -> None:
