@@ -5,8 +5,6 @@ must not appear, and the command must refuse in one ``gigagpt`` line."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -119,5 +117,3 @@ def test_real_checkpoints_still_load(builtin_bytes, tmp_path):
     assert safe_load(last)["global_step"] == 2, proc.stderr[-2000:]
     out = run_gigagpt("sample", str(last), "--prompt", "x", "--max-new-tokens", "3", cwd=tmp_path)
     assert out.stdout.strip()
-    if shutil.which("true"):
-        assert os.access(last, os.R_OK)
