@@ -14,7 +14,7 @@ JSON only:
   plain containers, numbers and strings, and refuses everything else.
 
 Anything else (legacy files, external links to other files, deferred graph tensors, unknown
-serializers or container types) is refused with a :class:`ValueError`, never executed. Needs
+serializers or container types) is refused with a ``ValueError``, never executed. Needs
 ``h5py`` and ``hdf5plugin`` (cstorch compresses datasets with LZ4); both come with
 cerebras-pytorch. cstorch itself is not imported.
 """
@@ -147,7 +147,8 @@ def read_mdl(path: str | os.PathLike) -> Any:
             if float(attrs.get("__version__", 0)) < 0.5:
                 raise UnsafeCheckpointError("it is in cstorch's legacy format, whose structure is a pickle")
             if not attrs.get("__SUCCESS__", False):
-                raise UnsafeCheckpointError("it is incomplete (its write was interrupted)")
+                raise ConfigError(f"checkpoint {os.fspath(path)!r} is incomplete (its write was interrupted); "
+                                  "use an earlier checkpoint")
             tree, top_keys = _spec(attrs[_SPEC])
             values: dict[str, Any] = {}
             for top in top_keys:
