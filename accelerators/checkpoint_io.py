@@ -37,12 +37,17 @@ class CerebrasCheckpointIO(CheckpointIO):
                 tmp.unlink()
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
-        import cerebras.pytorch as cstorch
+        # Not cstorch.load: it unpickles with dill and falls back to torch.load(weights_only=False).
+        from accelerators.errors import CerebrasCheckpointError
+        from gigagpt.checkpoint import safe_load
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-        return cstorch.load(str(path), map_location=map_location)
+        try:
+            return safe_load(path, map_location=map_location or "cpu")
+        except ValueError as err:
+            raise CerebrasCheckpointError(str(err).splitlines()[0]) from None
 
     def remove_checkpoint(self, path) -> None:
         path = Path(path)

@@ -46,9 +46,11 @@ def _to_host(value: Any) -> Any:
 
 
 def load_mdl(path: str | os.PathLike) -> dict:
-    """A ``.mdl`` checkpoint as plain Python data and CPU tensors."""
-    cstorch = import_cstorch()
-    return _to_host(cstorch.load(str(path)))
+    """A ``.mdl`` checkpoint as plain Python data and CPU tensors, read without running code from it
+    (:func:`gigagpt.checkpoint.safe_load`, not ``cstorch.load``)."""
+    from gigagpt.checkpoint import safe_load
+
+    return _to_host(safe_load(path))
 
 
 def _atomic(dst: Path, write) -> None:

@@ -23,9 +23,14 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
+from gigagpt.errors import ConfigError
 from gigagpt.model import GPT, GPTConfig
 
 TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint file that is not loaded (code inside, empty, truncated, foreign): one line."""
 
 
 # -- atomic writes ------------------------------------------------------------------------------------
@@ -43,9 +48,34 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def temp_path_for(path: str | os.PathLike) -> Path:
-    """The temporary name a write of ``path`` goes to first: hidden, never ending in ``.ckpt``."""
+    """The temporary name a write of ``path`` goes to first: hidden, never ending in ``.ckpt``, naming
+    the writer's pid so that only temporary files of ended writers are ever removed."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def _writer_ended(tmp: Path) -> bool:
+    """Whether the process a temporary file's name records has ended (or is this process)."""
+    pid = tmp.name[: -len(TMP_SUFFIX)].rpartition(".")[2]
+    if not pid.isdigit():
+        return False  # not a name this module makes
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by another user
+        return False
+    return False
+
+
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Remove the temporary files of ``path`` left by writers that were killed mid-write."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
+        if _writer_ended(stale):
+            stale.unlink(missing_ok=True)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
@@ -67,8 +97,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
-    for stale in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):  # left by a crashed writer
-        stale.unlink(missing_ok=True)
+    remove_stale_temps(path)
     return path
 
 
@@ -113,26 +142,46 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return safe_load(path, map_location=map_location or "cpu", weights_only=weights_only)
 
 
-def safe_load(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = True) -> dict:
-    """``torch.load`` with ``weights_only`` (tensors and plain data only) and clear errors."""
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+    """Any checkpoint file gigagpt reads, as tensors and plain data only, with clear errors.
+
+    The one loading function of every command (``fit --ckpt_path`` and auto-resume, ``validate``,
+    ``sample``, ``export``, conversion): ``torch.save`` files (``.ckpt``, ``.pt``, a Hugging Face
+    ``pytorch_model.bin``) through ``torch.load(weights_only=True)``, cstorch's HDF5 ``.mdl`` files
+    (whatever their name) through :func:`gigagpt.mdl.read_mdl`. No code from the file runs.
+    """
     path = Path(path)
     if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {str(path)!r} is empty (a write was interrupted); use an earlier checkpoint")
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (a write was interrupted); use an earlier checkpoint")
+    from gigagpt.mdl import is_hdf5, read_mdl
+
+    if is_hdf5(path):
+        ckpt = read_mdl(path)
+        if map_location not in (None, "cpu"):
+            ckpt = torch.utils._pytree.tree_map(
+                lambda v: v.to(map_location) if isinstance(v, torch.Tensor) else v, ckpt)
+        return ckpt
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as err:
         if not weights_only:
             raise
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {str(path)!r} holds objects other than tensors and plain data, so it is not "
-            f"loaded (weights_only=True): {str(err).splitlines()[0]}\nIf you trust the file, load it with "
-            "AtomicCheckpointIO(weights_only=False)."
+            f"loaded (weights_only=True{_unsupported(err)}); if you trust the file, load it with "
+            "AtomicCheckpointIO(weights_only=False)"
         ) from None
     except (RuntimeError, EOFError) as err:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {str(path)!r} is unreadable ({err}); it may be truncated or not a "
             "checkpoint. Use an earlier checkpoint"
         ) from None
+
+
+def _unsupported(err: BaseException) -> str:
+    """What torch's refusal names (e.g. ``GLOBAL builtins.open``), without its multi-line advice."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return f"; it names {found.group(1)}" if found else ""
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -184,6 +233,50 @@ def peek_checkpoint(path: str | os.PathLike) -> dict | None:
     except Exception:
         return None
     return ckpt if isinstance(ckpt, dict) else None
+
+
+def checkpoint_info(path: str | os.PathLike) -> dict | None:
+    """``{"step", "hdf5", "cstorch_optimizer"}`` for a complete Lightning checkpoint that loads; ``None``
+    for a truncated, foreign or (HDF5 without h5py) unverifiable file. Reads headers only."""
+    from gigagpt.mdl import is_hdf5, mdl_global_step
+
+    path = Path(path)
+    try:
+        hdf5 = is_hdf5(path)
+    except OSError:
+        return None
+    if hdf5:
+        step = mdl_global_step(path)
+        return None if step is None else {"step": step, "hdf5": True, "cstorch_optimizer": True}
+    ckpt = peek_checkpoint(path)
+    if not ckpt or "state_dict" not in ckpt or not isinstance(ckpt.get("global_step"), int):
+        return None
+    return {"step": ckpt["global_step"], "hdf5": False, "cstorch_optimizer": cstorch_optimizer_state(ckpt)}
+
+
+def run_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The checkpoint files (``*.ckpt``, ``*.mdl``; not hidden temporary files) directly in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix in (".ckpt", ".mdl") and not p.name.startswith(".") and p.is_file())
+
+
+def newest_complete_checkpoint(folders: list[Path]) -> tuple[Path | None, dict | None, list[Path]]:
+    """The checkpoint of the highest step that is complete and loads (``last`` and step checkpoints
+    alike; the newer file on a tie), its :func:`checkpoint_info`, and the files passed over as broken."""
+    best, broken = None, []
+    for folder in folders:
+        for path in run_checkpoints(folder):
+            info = checkpoint_info(path)
+            if info is None:
+                broken.append(path)
+                continue
+            key = (info["step"], path.stat().st_mtime_ns)
+            if best is None or key > best[0]:
+                best = (key, path, info)
+    return (best[1], best[2], broken) if best else (None, None, broken)
 
 
 def saved_model_config(ckpt: dict | None) -> dict | None:

@@ -27,6 +27,7 @@ from gigagpt.checkpoint import (
     SHAPE_FIELDS,
     AtomicCheckpointIO,
     cstorch_optimizer_state,
+    newest_complete_checkpoint,
     peek_checkpoint,
     saved_model_config,
     shape_differences,
@@ -36,6 +37,7 @@ from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.errors import ConfigError
 from gigagpt.model import GPTConfig
 from gigagpt.module import GPTModule
+from gigagpt.run_folder import RunLock, preflight
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 MAX_SEED = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything and data.seed feed
@@ -140,21 +142,50 @@ class GigaCLI(LightningCLI):
             rank_zero_info(f"gigagpt: the model's shape comes from {path}: {', '.join(changed)}")
 
     def before_fit(self) -> None:
+        """One ``fit`` per run folder (a lock), the folders checked before step 0, then auto-resume from
+        the newest complete checkpoint of the run."""
         config = self.config_init["fit"]
+        folders = checkpoint_dirs(self.trainer)
+        if rank_zero_only.rank == 0:  # DDP's other ranks run this too, after rank 0 holds the lock
+            preflight(folders, log_dirs(self.trainer), self.model)
+            self._run_locks = [RunLock(folder).acquire() for folder in folders]
         # (An explicit --ckpt_path takes the model's shape from the checkpoint: _parse_ckpt_path.)
         if config.get("ckpt_path") is not None or config.get("resume", "auto") != "auto":
             return
-        found = last_checkpoints(self.trainer)
-        if found:
-            newest = max(found, key=lambda p: p.stat().st_mtime)
-            self._check_resume(newest)
-            rank_zero_info(f"gigagpt: resuming from {newest} (--resume never to start fresh)")
-            config["ckpt_path"] = "last"
+        path, info, broken = newest_complete_checkpoint(folders)
+        for skipped in broken:
+            rank_zero_info(f"gigagpt: passing over {skipped}: incomplete, unreadable, or not a checkpoint "
+                           "this environment can verify")
+        if path is None:
+            if broken:
+                raise ConfigError(
+                    f"{broken[0].parent} holds checkpoints but none is complete and loadable here "
+                    f"({', '.join(p.name for p in broken[:4])}); pass one with --ckpt_path, or start fresh "
+                    "with --resume never (or another checkpoint.dirpath)")
+            return
+        self._check_resume(path, info)
+        rank_zero_info(f"gigagpt: resuming from {path} (step {info['step']}; --resume never to start fresh)")
+        config["ckpt_path"] = str(path)
+        _overwrite_own_names(self.trainer)
 
-    def _check_resume(self, path: Path) -> None:
-        """Refuse, in one line, to resume a checkpoint of a differently shaped model."""
+    def after_fit(self) -> None:
+        for lock in getattr(self, "_run_locks", []):
+            lock.release()
+
+    def _check_resume(self, path: Path, info: dict) -> None:
+        """Refuse, in one line, to resume a checkpoint this Trainer cannot continue exactly."""
+        on_cerebras = "Cerebras" in type(self.trainer.strategy).__name__
+        if not on_cerebras and (info["hdf5"] or info["cstorch_optimizer"]):
+            raise ConfigError(f"cannot resume from {path}: it was written by a Cerebras run (cstorch optimizer "
+                              "state); continue that run with the Cerebras accelerator, or start fresh with "
+                              "--resume never (or another checkpoint.dirpath)")
+        if on_cerebras and not info["cstorch_optimizer"]:
+            raise ConfigError(f"cannot resume from {path} on Cerebras: it holds torch AdamW state from a run on "
+                              "the plain Trainer, which cstorch's optimizer does not continue; continue it without "
+                              "the Cerebras configs, or start fresh with --resume never (or another "
+                              "checkpoint.dirpath)")
         config = getattr(self.model, "config", None)
-        if path.suffix != ".ckpt" or config is None:
+        if info["hdf5"] or config is None:
             return
         differences = shape_differences(path, config)
         if differences:
@@ -196,14 +227,31 @@ def check_csx_tools(strategy) -> None:
     )
 
 
-def last_checkpoints(trainer) -> list[Path]:
-    """``last*.ckpt`` / ``last*.mdl`` files in the ``dirpath`` of the trainer's ModelCheckpoint callbacks."""
+def _overwrite_own_names(trainer) -> None:
+    """A resumed run rewrites its own checkpoint names (atomically) instead of adding ``-v1`` copies
+    beside files it wrote before it was interrupted."""
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            callback._enable_version_counter = False
+
+
+def checkpoint_dirs(trainer) -> list[Path]:
+    """The ``dirpath`` of each of the trainer's ModelCheckpoint callbacks (where it is set)."""
     found = []
     for callback in trainer.checkpoint_callbacks:
         dirpath = getattr(callback, "dirpath", None)
-        if dirpath and Path(dirpath).is_dir():
-            found += [p for p in Path(dirpath).iterdir()
-                      if p.suffix in (".ckpt", ".mdl") and re.match(r"^last(-v?\d+)?$", p.stem)]
+        if dirpath and "://" not in str(dirpath) and Path(dirpath) not in found:
+            found.append(Path(dirpath))
+    return found
+
+
+def log_dirs(trainer) -> list[Path]:
+    """The local folders the trainer's loggers write under."""
+    found = []
+    for logger in trainer.loggers:
+        save_dir = getattr(logger, "save_dir", None)
+        if save_dir and "://" not in str(save_dir) and Path(save_dir) not in found:
+            found.append(Path(save_dir))
     return found
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from gigagpt.checkpoint import check_shapes, find_checkpoint, load_checkpoint, model_state_dict
+from gigagpt.checkpoint import check_shapes, find_checkpoint, load_checkpoint, model_state_dict, safe_load
 from gigagpt.model import GPT, GPTConfig
 from gigagpt.tokenizer import GPT2_EOT, GPT2_VOCAB
 
@@ -295,7 +295,7 @@ def read_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
             out.update(st.load_file(str(f)))
         return out
     if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return safe_load(folder / "pytorch_model.bin")
     raise FileNotFoundError(
         f"{folder} has a config.json but no model.safetensors, model.safetensors.index.json or "
         "pytorch_model.bin; download the weights next to config.json"
@@ -359,7 +359,7 @@ def _need_cerebras(path: Path):
 
 def _read_mdl(path: Path) -> dict:
     """A Cerebras ``.mdl`` checkpoint as a Lightning checkpoint dict of plain CPU tensors."""
-    ckpt = _need_cerebras(path).load_mdl(path)
+    ckpt = load_checkpoint(path)  # data only; needs h5py + hdf5plugin, not cerebras-pytorch
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConversionError(f"{path} does not hold a Lightning checkpoint (no state_dict)")
     return ckpt
@@ -380,7 +380,7 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> GPT:
     if path.is_dir() and is_hf_dir(path):
         return load_hf(path, map_location)
     path = path if path.suffix == ".mdl" and path.is_file() else find_checkpoint(path)
-    if path.suffix == ".mdl" or is_hdf5(path):  # Cerebras runs may write HDF5 under .ckpt names
+    if is_hdf5(path):  # by content: Cerebras runs may write HDF5 under .ckpt names
         ckpt = _read_mdl(path)
     else:
         try:
