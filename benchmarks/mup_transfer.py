@@ -8,6 +8,10 @@ standard parametrization it moves. Writes a JSON of every run, a Markdown table 
 
     python benchmarks/mup_transfer.py                      # 3 widths x 7 rates x 2, CPU minutes
     python benchmarks/mup_transfer.py --widths 64,128 --lrs 1e-3,4e-3 --steps 20   # a smoke run
+    # the two sweeps as two single-threaded processes, then one table and plot from both
+    python benchmarks/mup_transfer.py --threads 1 --param standard --out sp &
+    python benchmarks/mup_transfer.py --threads 1 --param mup --out mup; wait
+    python benchmarks/mup_transfer.py --merge sp.json,mup.json --out mup_transfer
 """
 
 from __future__ import annotations
@@ -127,6 +131,20 @@ def plot(runs: list[dict], lrs: list[float], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def sweep(args, params: list[bool], widths: list[int], lrs: list[float]) -> list[dict]:
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_builtin(Path(tmp) / "builtin")
+        for mup in params:
+            for width in widths:
+                for lr in lrs:
+                    start = time.perf_counter()
+                    runs.append(run_one(args, data, width, mup, lr))
+                    print(f"{'mup' if mup else 'sp '} width={width:5d} lr={lr:.3g} "
+                          f"val={runs[-1]['val_loss']:.4f} ({time.perf_counter() - start:.1f}s)", flush=True)
+    return runs
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--widths", default="64,128,256")
@@ -144,23 +162,20 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--param", default="standard,mup", help="which parametrizations to sweep")
     p.add_argument("--out", default="mup_transfer", help="output prefix (.json, .md, .png)")
+    p.add_argument("--merge", default=None, help="comma-separated JSONs of earlier sweeps: report them, train nothing")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     widths = [int(w) for w in args.widths.split(",")]
     lrs = [float(x) for x in args.lrs.split(",")]
     params = [{"standard": False, "mup": True}[name] for name in args.param.split(",")]
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        data = make_builtin(Path(tmp) / "builtin")
-        for mup in params:
-            for width in widths:
-                for lr in lrs:
-                    start = time.perf_counter()
-                    runs.append(run_one(args, data, width, mup, lr))
-                    print(f"{'mup' if mup else 'sp '} width={width:5d} lr={lr:.3g} "
-                          f"val={runs[-1]['val_loss']:.4f} ({time.perf_counter() - start:.1f}s)", flush=True)
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+    if args.merge:
+        runs = [r for f in args.merge.split(",") for r in json.loads(Path(f).read_text())["runs"]]
+        widths, lrs = sorted({r["width"] for r in runs}), sorted({r["lr"] for r in runs})
+        params = sorted({r["mup"] for r in runs})
+    else:
+        runs = sweep(args, params, widths, lrs)
+        out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
     text = table(runs, lrs)
     for mup in params:
         text += f"\n\n{'μP' if mup else 'standard'}: best learning rate moves {optimum_shift(runs, lrs, mup)} grid step(s) across widths {widths}"

@@ -146,3 +146,24 @@ def test_hf_export_of_a_mup_model_folds_the_multipliers(tmp_path):
         want = model(idx)
         torch.testing.assert_close(hf(idx).logits, want, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(back(idx), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size, width_mult", [("111m", 3.0), ("13b", 20.0), ("175b", 48.0)])
+def test_mup_overlay_carries_the_proxy_values_to_every_size(size, width_mult, tmp_path, monkeypatch):
+    from gigagpt.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    configs = ROOT / "configs"
+    proxy = cli_main(["--config", str(configs / f"{size}.yaml"), "--config", str(configs / "mup" / "mup.yaml"),
+                      "--config", str(configs / "mup" / "proxy.yaml")], run=False).model
+    target = cli_main(["--config", str(configs / f"{size}.yaml"), "--config", str(configs / "mup" / "mup.yaml")],
+                      run=False).model
+    assert proxy.config.width == proxy.config.mup_base_width == 256 and proxy.config.width_mult == 1.0
+    assert target.config.mup and target.config.width == GPTConfig.from_name(size).width
+    assert target.config.width_mult == width_mult
+    # the tuned numbers are the same at both widths: nothing to rescale by hand
+    assert (proxy.optim.lr, proxy.config.init_std) == (target.optim.lr, target.config.init_std) == (6e-3, 0.08)
+    assert proxy.config.depth == target.config.depth
+    with torch.device("meta"):
+        target.configure_model()
+    assert sum(p.numel() for p in target.parameters()) == GPTConfig.from_name(size).num_params()
