@@ -147,11 +147,11 @@ def sweep(args, params: list[bool], widths: list[int], lrs: list[float]) -> list
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--widths", default="64,128,256")
+    p.add_argument("--widths", default="32,64,128")
     p.add_argument("--lrs", default=DEFAULT_LRS, help="comma-separated learning rates (log-spaced)")
-    p.add_argument("--base-width", type=int, default=64, help="mup_base_width (the proxy's width)")
+    p.add_argument("--base-width", type=int, default=32, help="mup_base_width (the proxy's width)")
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=16)
     p.add_argument("--init-std", type=float, default=0.02)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
