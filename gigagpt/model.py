@@ -64,7 +64,6 @@ class GPTConfig:
             raise ConfigError(
                 f"model.config.activation must be 'gelu' or 'gelu_tanh', got {self.activation!r}"
             )
-
         for name in ("mup_embedding_multiplier", "mup_output_multiplier"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -154,9 +153,9 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(w, w, bias=bias)
         self.out_proj = nn.Linear(w, w, bias=bias)
         self.dropout = config.dropout
-        # μP scores attention by 1/d_head instead of 1/sqrt(d_head) (Tensor Programs V, sec. 4 and
-        # Table 3 footnote: q and k become correlated during training, so q.k grows like d_head;
-        # Cerebras-GPT, appendix on μP, does the same). None is SDPA's own 1/sqrt(d_head).
+        # μP scores attention by 1/d_head instead of 1/sqrt(d_head) (Tensor Programs V, sec. 4: q and
+        # k become correlated during training, so q.k grows like d_head, not sqrt(d_head);
+        # Cerebras-GPT's μP and modelzoo's scale_qk_dot_by_d do the same). None: SDPA's 1/sqrt(d_head).
         self.scale = 1.0 / config.head_dim if config.mup else None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:

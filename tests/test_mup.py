@@ -167,3 +167,33 @@ def test_mup_overlay_carries_the_proxy_values_to_every_size(size, width_mult, tm
     with torch.device("meta"):
         target.configure_model()
     assert sum(p.numel() for p in target.parameters()) == GPTConfig.from_name(size).num_params()
+
+
+FSDP_GROUPS = """
+import os, socket, torch, torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from gigagpt.model import GPT, GPTConfig, Block
+from gigagpt.optim import param_groups
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+dist.init_process_group("gloo", rank=0, world_size=1)
+m = GPT(GPTConfig(vocab_size=64, max_position_embeddings=16, depth=2, width=64, heads=4, mup=True, mup_base_width=16))
+plain = [(len(g["params"]), g.get("lr_scale")) for g in param_groups(m, 0.1)]
+f = FSDP(m, use_orig_params=True, device_id=torch.device("cpu"), auto_wrap_policy=ModuleWrapPolicy({Block}))
+sharded = [(len(g["params"]), g.get("lr_scale")) for g in param_groups(f, 0.1)]
+assert sharded == plain == [(2, None), (22, None), (12, 0.25)], (plain, sharded)
+assert sum(n for n, _ in sharded) == len(list(f.parameters()))
+dist.destroy_process_group()
+print("OK")
+"""
+
+
+def test_mup_groups_survive_fsdp_with_original_parameters():
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", FSDP_GROUPS], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
