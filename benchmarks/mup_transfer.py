@@ -97,7 +97,10 @@ def table(runs: list[dict], lrs: list[float]) -> str:
     for (mup, width), b in sorted(best.items()):
         cells = []
         for lr in lrs:
-            r = next(r for r in runs if r["mup"] == mup and r["width"] == width and r["lr"] == lr)
+            r = next((r for r in runs if r["mup"] == mup and r["width"] == width and r["lr"] == lr), None)
+            if r is None:  # not in this parametrization's grid
+                cells.append("")
+                continue
             text = "diverged" if not math.isfinite(r["val_loss"]) else f"{r['val_loss']:.4f}"
             cells.append(f"**{text}**" if r is b else text)
         lines.append(f"| {'μP' if mup else 'standard'} | {width} | " + " | ".join(cells) + f" | {b['lr']:.3g} |")
@@ -106,6 +109,7 @@ def table(runs: list[dict], lrs: list[float]) -> str:
 
 def optimum_shift(runs: list[dict], lrs: list[float], mup: bool) -> int:
     """How many grid steps the best learning rate moves across the widths."""
+    lrs = sorted({r["lr"] for r in runs if r["mup"] == mup})
     idx = [lrs.index(b["lr"]) for (m, _), b in best_per_width(runs).items() if m == mup]
     return max(idx) - min(idx)
 

@@ -197,3 +197,18 @@ def test_mup_groups_survive_fsdp_with_original_parameters():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", FSDP_GROUPS], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_transfer_benchmark_runs_and_merges(tmp_path):
+    spec = importlib.util.spec_from_file_location("mup_transfer", ROOT / "benchmarks" / "mup_transfer.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    small = ["--widths", "16,32", "--base-width", "16", "--head-dim", "8", "--depth", "1", "--seq", "16",
+             "--batch", "2", "--steps", "3", "--warmup", "1", "--val-batches", "1", "--threads", "1"]
+    bench.main([*small, "--param", "standard", "--lrs", "1e-3,4e-3", "--out", str(tmp_path / "sp")])
+    bench.main([*small, "--param", "mup", "--lrs", "4e-3,1.6e-2", "--out", str(tmp_path / "mup")])
+    bench.main(["--merge", f"{tmp_path / 'sp.json'},{tmp_path / 'mup.json'}", "--out", str(tmp_path / "all")])
+    text = (tmp_path / "all.md").read_text()
+    assert "| parametrization | width | lr 0.001 | lr 0.004 | lr 0.016 | best lr |" in text
+    assert text.count("| standard |") == 2 and text.count("| μP |") == 2
+    assert "μP: best learning rate moves" in text and "standard: best learning rate moves" in text
