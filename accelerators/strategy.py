@@ -101,9 +101,11 @@ def _cstorch_lr_scheduler(optimizer, optim, max_steps: int | None):
                                          end_learning_rate=optim.min_lr, total_iters=decay_steps))
     else:
         parts.append(sched.ConstantLR(optimizer, learning_rate=optim.lr))
-    if len(parts) == 1:
-        return parts[0]
-    return sched.SequentialLR(optimizer, parts, milestones=milestones)
+    scheduler = parts[0] if len(parts) == 1 else sched.SequentialLR(optimizer, parts, milestones=milestones)
+    if any("adjust_learning_rate" in group for group in optimizer.param_groups):
+        # Each group gets the schedule times its own adjust_learning_rate (the groups' lr_scale).
+        scheduler = sched.ScalePerParamLR(optimizer, scheduler)
+    return scheduler
 
 
 def build_cstorch_optimizer(model: torch.nn.Module, optim, max_steps: int | None):
@@ -111,8 +113,12 @@ def build_cstorch_optimizer(model: torch.nn.Module, optim, max_steps: int | None
     cstorch = import_cstorch()
     from gigagpt.optim import param_groups
 
+    groups = param_groups(model, optim.weight_decay)
+    for group in groups:  # a group's lr_scale (μP) is what cstorch's ScalePerParamLR reads here
+        if "lr_scale" in group:
+            group["adjust_learning_rate"] = group["lr_scale"]
     optimizer = cstorch.optim.AdamW(
-        param_groups(model, optim.weight_decay),
+        groups,
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from gigagpt.checkpoint import check_shapes, find_checkpoint, load_checkpoint, model_state_dict, safe_load
-from gigagpt.model import GPT, GPTConfig
+from gigagpt.model import GPT, GPTConfig, fold_mup
 from gigagpt.tokenizer import GPT2_EOT, GPT2_VOCAB
 
 HF_INSTALL = 'pip install "gigagpt[hf]"'
@@ -122,8 +122,12 @@ def from_hf_config(hf: dict) -> GPTConfig:
 
 # -- state dicts ------------------------------------------------------------------------------------
 def to_hf_state_dict(state_dict: dict, config: GPTConfig) -> dict[str, torch.Tensor]:
-    """gigagpt :class:`GPT` weights as ``GPT2LMHeadModel`` weights (the tied ``lm_head`` omitted)."""
+    """gigagpt :class:`GPT` weights as ``GPT2LMHeadModel`` weights (the tied ``lm_head`` omitted).
+
+    A μP model's multipliers are folded into the weights (:func:`~gigagpt.model.fold_mup`).
+    """
     to_hf_config(config)  # refuses what cannot map
+    state_dict, config = fold_mup(state_dict, config)
     sd = state_dict
     out = {"transformer.wte.weight": sd["wte.weight"], "transformer.wpe.weight": sd["wpe.weight"]}
     for i in range(config.depth):

@@ -40,9 +40,16 @@ class GPTConfig:
     # 50,257-wide output is misaligned for tensor-core matrix multiplies). The extra rows are zeros
     # with logits of -inf, so parameters, state dict, logits and loss are those of the unpadded head.
     vocab_pad_multiple: int = 1
+    # Maximal update parametrization (docs/mup.md): hyperparameters tuned at width
+    # ``mup_base_width`` carry over unchanged to any width. Off: the standard parametrization.
+    mup: bool = False
+    mup_base_width: int = 256
+    mup_embedding_multiplier: float = 10.0
+    mup_output_multiplier: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "max_position_embeddings", "depth", "width", "heads", "vocab_pad_multiple"):
+        for name in ("vocab_size", "max_position_embeddings", "depth", "width", "heads", "vocab_pad_multiple",
+                     "mup_base_width"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model.config.{name} must be a positive integer, got {value!r}")
@@ -57,6 +64,15 @@ class GPTConfig:
             raise ConfigError(
                 f"model.config.activation must be 'gelu' or 'gelu_tanh', got {self.activation!r}"
             )
+        for name in ("mup_embedding_multiplier", "mup_output_multiplier"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"model.config.{name} must be a finite number > 0, got {value!r}")
+
+    @property
+    def width_mult(self) -> float:
+        """``width / mup_base_width`` under μP (how far this model is from the tuned proxy), else 1."""
+        return self.width / self.mup_base_width if self.mup else 1.0
 
     @property
     def head_dim(self) -> int:
@@ -137,6 +153,10 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(w, w, bias=bias)
         self.out_proj = nn.Linear(w, w, bias=bias)
         self.dropout = config.dropout
+        # μP scores attention by 1/d_head instead of 1/sqrt(d_head) (Tensor Programs V, sec. 4: q and
+        # k become correlated during training, so q.k grows like d_head, not sqrt(d_head);
+        # Cerebras-GPT's μP and modelzoo's scale_qk_dot_by_d do the same). None: SDPA's 1/sqrt(d_head).
+        self.scale = 1.0 / config.head_dim if config.mup else None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
         b, t, w = x.shape
@@ -157,7 +177,7 @@ class CausalSelfAttention(nn.Module):
         # reference's explicit upcast does; it also lowers on the Cerebras path.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
         )
         return self.out_proj(y.transpose(1, 2).reshape(b, t, w))
 
@@ -234,19 +254,36 @@ class GPT(nn.Module):
     def init_weights(self, part: nn.Module | None = None) -> None:
         """normal(0, init_std) weights, zero biases; residual projections scaled by 1/sqrt(2*depth).
 
+        Under μP the hidden (block) weights' std is further divided by sqrt(width_mult), while the
+        embeddings (and so the tied head) keep ``init_std``: Cerebras-GPT's μP table (hidden init
+        variance sigma_base^2 / m_d, embedding sigma_base^2), which is Tensor Programs V's
+        fan_in-proportional hidden init with the base-width constant kept.
+
         ``part`` (a submodule, e.g. one block) initialises only that piece, for building a model
         one piece at a time from the meta device (see :func:`gigagpt.speed.build_for_fsdp`).
         """
         std = self.config.init_std
-        residual_std = std / math.sqrt(2 * self.config.depth)
+        hidden_std = std / math.sqrt(self.config.width_mult)
+        residual_std = hidden_std / math.sqrt(2 * self.config.depth)
         for name, module in (self if part is None else part).named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_embedding = isinstance(module, nn.Embedding) or module is self.lm_head
                 is_residual = name.endswith(("attn.out_proj", "mlp.down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                module_std = std if is_embedding else residual_std if is_residual else hidden_std
+                nn.init.normal_(module.weight, mean=0.0, std=module_std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
+
+    def output_multiplier(self) -> float:
+        """μP's logit multiplier ``mup_output_multiplier / width_mult``.
+
+        Tensor Programs V (Table 3 with MuReadout) and Cerebras-GPT both divide the readout by the
+        width multiplier; applied to the head's input it is the same product and leaves the tied
+        weight itself shared with the embedding, whose learning rate is not scaled.
+        """
+        return self.config.mup_output_multiplier / self.config.width_mult
 
     def num_params(self) -> int:
         """Unique parameters (the tied head counted once)."""
@@ -274,12 +311,17 @@ class GPT(nn.Module):
                 f"{self.config.max_position_embeddings}"
             )
         positions = torch.arange(pos, pos + t, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(positions))
+        x = self.wte(idx) + self.wpe(positions)
+        if self.config.mup:  # the embedding output multiplier (Cerebras-GPT's m_emb, on wte + wpe)
+            x = x * self.config.mup_embedding_multiplier
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], pos)
         if last_only:  # generation needs the next-token logits only: skip the rest of the head
             x = x[:, -1:]
         x = self.ln_f(x)
+        if self.config.mup:
+            x = x * self.output_multiplier()
         if targets is None:
             return self.head_loss.logits(x, self.lm_head.weight)[..., : self.config.vocab_size]
         return self.head_loss(x, self.lm_head.weight, targets)
@@ -292,3 +334,29 @@ class GPT(nn.Module):
             KVCache(batch, self.config.heads, max_len, self.config.head_dim, weight.device, dtype or weight.dtype)
             for _ in range(self.config.depth)
         ]
+
+
+def fold_mup(state_dict: dict, config: GPTConfig) -> tuple[dict, GPTConfig]:
+    """Standard-parametrization weights that compute the same logits as a μP model's.
+
+    The multipliers are linear, so they fold into weights: the embedding multiplier into both
+    embeddings; 1/d_head attention into the query projection (times 1/sqrt(d_head), on top of the
+    standard 1/sqrt(d_head)); and, since the tied head now reads the multiplied embedding, the
+    logit multiplier divided by the embedding multiplier into the final LayerNorm, whose output
+    only the head reads. Exports (e.g. Hugging Face GPT-2) then need no μP support.
+    """
+    if not config.mup:
+        return state_dict, config
+    sd = dict(state_dict)
+    emb = config.mup_embedding_multiplier
+    out = config.mup_output_multiplier / config.width_mult / emb
+    query = 1.0 / math.sqrt(config.head_dim)
+    for name in ("wte.weight", "wpe.weight"):
+        sd[name] = state_dict[name] * emb
+    for name in [n for n in state_dict if n.startswith("ln_f.")]:
+        sd[name] = state_dict[name] * out
+    for name in [n for n in state_dict if ".attn.q_proj." in n]:
+        sd[name] = state_dict[name] * query
+    if "lm_head.weight" in sd:  # the tied head is the (folded) token embedding
+        sd["lm_head.weight"] = sd["wte.weight"]
+    return sd, replace(config, mup=False)

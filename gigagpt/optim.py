@@ -2,7 +2,8 @@
 
 Both training paths build from this description: plain Lightning builds ``torch.optim.AdamW`` and a
 ``LambdaLR`` over :func:`get_lr`; the Cerebras bridge builds cstorch's AdamW and
-LinearLR -> CosineDecayLR from the same numbers.
+LinearLR -> CosineDecayLR from the same numbers. A parameter group may carry ``lr_scale`` (absent
+means 1.0): every path gives that group the scheduled learning rate times its ``lr_scale`` (μP).
 """
 
 from __future__ import annotations
@@ -78,12 +79,32 @@ def get_lr(step: int, lr: float, warmup_steps: int, decay_steps: int, min_lr: fl
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / decay_steps))
 
 
+def mup_hidden_weights(model: nn.Module) -> tuple[set[int], float]:
+    """Ids of the μP hidden (matrix-like) weights of the GPTs in ``model``, and their ``lr_scale``.
+
+    Adam's learning rate of hidden weights is divided by ``width_mult`` while embeddings (and so
+    the tied head), biases and LayerNorms keep the base rate: Tensor Programs V, Table 3 (Adam,
+    hidden weights 1/fan_in; input weights and biases constant) and Cerebras-GPT's μP table
+    (eta_base / m_d for hidden weights). Without μP: no ids, scale 1.
+    """
+    from gigagpt.model import GPT
+
+    ids, scale = set(), 1.0
+    for gpt in (m for m in model.modules() if isinstance(m, GPT) and m.config.mup):
+        scale = 1.0 / gpt.config.width_mult
+        ids |= {id(m.weight) for m in gpt.blocks.modules() if isinstance(m, nn.Linear)}
+    return ids, scale
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed (dim >= 2) and not decayed (biases, LayerNorm), each tensor once.
 
     A parameter sharded by FSDP is a flat view of its shard, so the weights of linear and
-    embedding layers count as matrices whatever their current shape.
+    embedding layers count as matrices whatever their current shape. Under μP the hidden weights
+    form a third, decayed group with ``lr_scale = 1 / width_mult`` (see :func:`mup_hidden_weights`);
+    it comes last, so group 0 keeps the base learning rate that training logs.
     """
+    hidden, lr_scale = mup_hidden_weights(model)
     matrices = {
         id(module.weight) for module in model.modules()
         if isinstance(module, (nn.Linear, nn.Embedding)) and isinstance(module.weight, nn.Parameter)
@@ -94,10 +115,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(param))
         (decay if param.dim() >= 2 or id(param) in matrices else no_decay).append(param)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if hidden:
+        groups[0]["params"] = [p for p in decay if id(p) not in hidden]
+        groups.append({"params": [p for p in decay if id(p) in hidden], "weight_decay": weight_decay,
+                       "lr_scale": lr_scale})
+    return groups
 
 
 @functools.cache
@@ -125,8 +151,11 @@ def build_torch_optimizer(model: nn.Module, cfg: OptimConfig, max_steps: int | N
     if fused is None:
         devices = {p.device.type for p in model.parameters()}
         fused = len(devices) == 1 and fused_adamw_available(devices.pop())
+    groups = param_groups(model, cfg.weight_decay)
+    for group in groups:
+        group["lr"] = cfg.lr * group.get("lr_scale", 1.0)  # LambdaLR scales each group's own rate
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,

@@ -51,7 +51,7 @@ class StepTimer(Callback):
 
 def build(args):
     config = GPTConfig(vocab_size=256, max_position_embeddings=args.seq, depth=args.depth, width=args.width,
-                       heads=args.heads)
+                       heads=args.heads, mup=args.mup_base_width > 0, mup_base_width=args.mup_base_width or 256)
     optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup, min_lr_ratio=0.1, weight_decay=0.1)
     module = GPTModule(config, optim)
     data = GPTDataModule(path=args.data, sequence_length=args.seq, batch_size=args.batch, seed=1337,
@@ -80,6 +80,7 @@ def main(argv=None):
     p.add_argument("--resume", default=None)
     p.add_argument("--precision", default="32-true")
     p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--mup-base-width", type=int, default=0, help="turn μP on with this base width")
     p.add_argument("--save-at", type=int, default=0, help="also call trainer.save_checkpoint after this step")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
