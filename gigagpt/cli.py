@@ -137,7 +137,7 @@ class GigaCLI(LightningCLI):
             newest = max(found, key=lambda p: p.stat().st_mtime)
             self._check_resume(newest)
             rank_zero_info(f"gigagpt: resuming from {newest} (--resume never to start fresh)")
-            config["ckpt_path"] = "last"
+            config["ckpt_path"] = str(newest)  # the file itself: Lightning's "last" looks for .ckpt only
 
     def _check_resume(self, path: Path) -> None:
         """Refuse, in one line, to resume a checkpoint of a differently shaped model."""
