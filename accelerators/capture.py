@@ -150,9 +150,7 @@ class CaptureMixin:
         tracker = getattr(profiler, "rate_tracker", None) if profiler is not None else None
         if tracker is None:
             return {}
-        try:
-            if private.rate_tracker_needs_compute(tracker):
-                tracker.compute()
+        try:  # (profiler.RateTrackerActivity computes on read)
             rate, global_rate = float(tracker.rate), float(tracker.global_rate)
         except (RuntimeError, ZeroDivisionError, KeyError):
             return {}

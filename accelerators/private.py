@@ -12,13 +12,11 @@ from typing import Any
 # (owner, attribute, what the bridge uses it for)
 NAMES: tuple[tuple[str, str, str], ...] = (
     ("cstorch BackendImpl", "_compiled_models", "the model id cstorch.compile gave a network"),
-    ("cstorch BackendImpl", "step_closures", "nothing queued is lost when an executor ends (read only)"),
     ("cstorch Backend", "_impl", "the backend implementation (register_active_model, run_step_closures)"),
     ("cstorch function_mode", "_global_function_mode_forward_pre_hooks", "eager fast path: mute the listener"),
     ("cstorch function_mode", "_global_function_mode_forward_hooks", "eager fast path: mute the listener"),
     ("cstorch experimental.listener", "_listener_mode", "eager fast path: the listener to mute"),
     ("cstorch experimental.listener", "_global_traced_tensor_hooks", "eager fast path: only when no hook listens"),
-    ("cstorch RateTracker", "_cached_result", "compute the rate once per read"),
     ("Lightning Trainer", "_logger_connector", "hand step-closure values to callback_metrics and loggers"),
     ("Lightning _LoggerConnector", "_callback_metrics", "values of a step that left the device"),
     ("Lightning _LoggerConnector", "_progress_bar_metrics", "values of a step that left the device"),
@@ -27,6 +25,8 @@ NAMES: tuple[tuple[str, str, str], ...] = (
     ("Lightning LightningOptimizer", "_optimizer", "the cstorch optimizer inside Lightning's wrapper"),
     ("Lightning ModelCheckpoint", "_every_n_train_steps", "the checkpoint schedule of the executors"),
     ("Lightning ModelCheckpoint", "_train_time_interval", "refuse time-based saves on Cerebras"),
+    ("Lightning Strategy", "_accelerator", "the strategy's own accelerator (set through its property)"),
+    ("Lightning Strategy", "_precision_plugin", "the strategy's precision plugin (set through its property)"),
 )
 
 
@@ -50,10 +50,6 @@ def traced_tensor_listener() -> tuple[Any, bool]:
     from cerebras.pytorch.experimental import listener
 
     return getattr(listener, "_listener_mode", None), bool(getattr(listener, "_global_traced_tensor_hooks", None))
-
-
-def rate_tracker_needs_compute(tracker) -> bool:
-    return getattr(tracker, "_cached_result", None) is None
 
 
 def logger_connector(trainer):
