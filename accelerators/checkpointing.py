@@ -128,7 +128,7 @@ class CheckpointsMixin:
         callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
         if not callbacks or not executor.run_context.is_checkpoint_step:
             return
-        cb = callbacks[0]
+        cb = next((c for c in callbacks if private.checkpoint_every_n_train_steps(c)), callbacks[0])
         metrics = {**trainer.callback_metrics, "step": step, "epoch": trainer.current_epoch}
         filepath = cb.format_checkpoint_name(metrics)
         trainer.save_checkpoint(filepath, cb.save_weights_only)
