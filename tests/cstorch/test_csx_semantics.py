@@ -109,11 +109,13 @@ def test_learning_rate_monitor_logs_the_schedule(builtin_bytes, tmp_path):
     """Point 5: LearningRateMonitor gets the scheduled rate at each logged step."""
     from gigagpt.optim import OptimConfig
 
-    run_harness("cerebras_cpu", builtin_bytes, tmp_path, "--steps", "6", "--warmup", "3", "--log-every", "2",
+    run_harness("cerebras_cpu", builtin_bytes, tmp_path, "--steps", "6", "--warmup", "3", "--log-every", "1",
                 "--lr-monitor", "--emulate-csx")
     res = result(tmp_path)
     optim = OptimConfig(lr=2e-3, warmup_steps=3, min_lr_ratio=0.1, weight_decay=0.1)
-    assert res["lr_monitor"], "LearningRateMonitor logged nothing"
+    assert sorted(res["lr_monitor"]) == list(range(6)), "LearningRateMonitor logged nothing"
+    assert res["lrs"][0] == 0.0 == res["lr_monitor"][0]  # warmup starts at 0, not at the peak
     for step, lr in res["lr_monitor"].items():
         assert lr == pytest.approx(expected_lr(step, optim, 6), rel=1e-6, abs=1e-12), step
+        assert res["lrs"][step] == pytest.approx(lr, rel=1e-6, abs=1e-12), step
     assert not math.isnan(res["losses"][5])
