@@ -336,19 +336,6 @@ class CerebrasStrategy(CaptureMixin, CheckpointsMixin, ExecutorsMixin, Strategy)
             self._deliver(module, "training_step", captured)
         return result
 
-    def _log_learning_rates(self, optimizer, captured) -> None:
-        """What a LearningRateMonitor logs, as device values of this step (its own hook never sees one)."""
-        from lightning.pytorch.callbacks import LearningRateMonitor
-
-        if not any(isinstance(cb, LearningRateMonitor) for cb in self.lightning_module.trainer.callbacks):
-            return
-        groups = optimizer.param_groups
-        for i, group in enumerate(groups):
-            name = f"lr-{type(optimizer).__name__}" + (f"/pg{i + 1}" if len(groups) > 1 else "")
-            lr = group["lr"]
-            if isinstance(lr, torch.Tensor):
-                captured.logged[name] = (lr.detach(), {"logger": True})
-
     def training_step(self, *args, **kwargs):
         with self.precision_plugin.train_step_context():
             return self.lightning_module.training_step(*args, **kwargs)

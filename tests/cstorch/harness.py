@@ -53,7 +53,7 @@ def build(args):
     config = GPTConfig(vocab_size=256, max_position_embeddings=args.seq, depth=args.depth, width=args.width,
                        heads=args.heads)
     optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup, min_lr_ratio=0.1, weight_decay=0.1)
-    module = GPTModule(config, optim)
+    module = (MetricModule if args.train_metric else GPTModule)(config, optim)
     data = GPTDataModule(path=args.data, sequence_length=args.seq, batch_size=args.batch, seed=1337,
                          val_batches=args.val_batches)
     return module, data
@@ -87,6 +87,7 @@ def main(argv=None):
     p.add_argument("--monitor", action="store_true", help="also ModelCheckpoint(monitor='val/loss')")
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--save-final", action="store_true", help="trainer.save_checkpoint(OUT/final.ckpt) after fit")
+    p.add_argument("--train-metric", action="store_true", help="the module updates a torchmetrics metric in training_step")
     p.add_argument("--lr-monitor", action="store_true", help="also a LearningRateMonitor")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -163,6 +164,21 @@ def main(argv=None):
     tmp = out / "result.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out / "result.json")
+
+
+class MetricModule(GPTModule):
+    """Updates a torchmetrics metric inside training_step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from torchmetrics.aggregation import MeanMetric
+
+        self.train_mean = MeanMetric()
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.train_mean.update(loss.detach())
+        return loss
 
 
 class SaveAt(Callback):

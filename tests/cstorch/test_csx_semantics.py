@@ -119,3 +119,13 @@ def test_learning_rate_monitor_logs_the_schedule(builtin_bytes, tmp_path):
         assert lr == pytest.approx(expected_lr(step, optim, 6), rel=1e-6, abs=1e-12), step
         assert res["lrs"][step] == pytest.approx(lr, rel=1e-6, abs=1e-12), step
     assert not math.isnan(res["losses"][5])
+
+
+def test_metrics_updated_in_training_step_need_every_activation(builtin_bytes, tmp_path):
+    """Point 5: torchmetrics updated in training_step would lose every non-activation step's update."""
+    proc = run_harness("cerebras_cpu", builtin_bytes, tmp_path, "--steps", "8", "--log-every", "4", "--train-metric",
+                       "--emulate-csx", check=False)
+    assert proc.returncode != 0
+    assert "torchmetrics updated in training_step" in proc.stderr and "activation_steps: 1" in proc.stderr
+    run_harness("cerebras_cpu", builtin_bytes, tmp_path / "every", "--steps", "8", "--log-every", "1",
+                "--train-metric", "--emulate-csx")
