@@ -60,6 +60,12 @@ class ExecutorsMixin:
                 'Trainer(accelerator="cerebras") needs trainer.max_steps: a Cerebras run is planned in '
                 "steps (set e.g. --trainer.max_steps=1000)"
             )
+        # (Lightning sets val_check_interval only when it counts batches, not for a time interval)
+        if not isinstance(getattr(trainer, "val_check_interval", None), (int, float)):
+            raise CerebrasError(
+                "a time-based trainer.val_check_interval cannot be planned on Cerebras (each executor ends at "
+                "the next validation); give it in batches"
+            )
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "train_loader_args"):
             raise CerebrasError(
