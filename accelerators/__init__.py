@@ -7,6 +7,7 @@ Lightning. cerebras-pytorch itself is imported only when a Cerebras run starts.
 
 from accelerators.cerebras import CerebrasAccelerator
 from accelerators.checkpoint_io import CerebrasCheckpointIO
+from accelerators.checkpointing import CerebrasModelCheckpoint
 from accelerators.errors import (
     CerebrasCheckpointError,
     CerebrasClusterError,
@@ -15,7 +16,8 @@ from accelerators.errors import (
 )
 from accelerators.precision import CerebrasPrecision
 from accelerators.registration import register
-from accelerators.strategy import CerebrasStrategy, ClusterSettings
+from accelerators.settings import ClusterSettings
+from accelerators.strategy import CerebrasStrategy
 
 __all__ = [
     "CerebrasAccelerator",
@@ -23,6 +25,7 @@ __all__ = [
     "CerebrasCheckpointIO",
     "CerebrasClusterError",
     "CerebrasError",
+    "CerebrasModelCheckpoint",
     "CerebrasNotInstalledError",
     "CerebrasPrecision",
     "CerebrasStrategy",

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.accelerators import Accelerator
 
-from accelerators.errors import cstorch_available, import_cstorch
+from accelerators.errors import CerebrasError, cstorch_available, import_cstorch
 
 
 class CerebrasAccelerator(Accelerator):
@@ -20,9 +20,17 @@ class CerebrasAccelerator(Accelerator):
     def __init__(self) -> None:
         super().__init__()
         import_cstorch()  # fails here, in one line, when cerebras-pytorch is missing
+        self.paired = False  # set by the CerebrasStrategy that runs on this accelerator
 
     def setup_device(self, device: torch.device) -> None:
-        pass
+        if not self.paired:
+            # Lightning chooses the strategy for accelerator="cerebras" alone itself (a
+            # SingleDeviceStrategy on the CPU); only a Cerebras strategy can drive cstorch.
+            raise CerebrasError(
+                'accelerator="cerebras" runs only with a Cerebras strategy: set trainer.strategy to '
+                "cerebras (CSX) / cerebras_cpu / cerebras_gpu or a CerebrasStrategy (e.g. --config "
+                "configs/cerebras/tiny.yaml)"
+            )
 
     def teardown(self) -> None:
         pass

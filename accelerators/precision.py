@@ -29,6 +29,18 @@ class CerebrasPrecision(Precision):
             )
         self.precision = precision
 
+    def check_backend(self, backend_type: str) -> None:
+        """CS-X always runs mixed precision, with float16 as its default half type
+        (``cstorch.amp.set_half_dtype``); "32-true" there would silently mean float16 without loss scaling."""
+        if backend_type == "CSX" and self.precision != "bf16-mixed":
+            from accelerators.errors import CerebrasError
+
+            raise CerebrasError(
+                f'precision "{self.precision}" on a Cerebras cluster would run float16 without loss scaling '
+                "(CS-X always computes in a half type, float16 unless told otherwise); set "
+                "trainer.precision: bf16-mixed"
+            )
+
     def configure(self) -> None:
         """Set cstorch's half type (call once the backend exists)."""
         if self.precision == "bf16-mixed":

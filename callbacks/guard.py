@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 _READABLE_DEVICES = ("cpu", "cuda", "mps")
 
@@ -39,6 +40,7 @@ class NonFiniteGuard(L.Callback):
         if every_n_steps < 1:
             raise ValueError(f"NonFiniteGuard every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps, self.check_grads = every_n_steps, check_grads
+        self._warned_unreadable = False
 
     def _due(self, trainer: L.Trainer) -> bool:
         return trainer.global_step % self.every_n_steps == 0
@@ -68,7 +70,13 @@ class NonFiniteGuard(L.Callback):
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return  # fp16 loss scaling: the scaler skips overflowing steps itself
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if not grads or grads[0].device.type not in _READABLE_DEVICES:
+        if not grads:
+            return
+        if grads[0].device.type not in _READABLE_DEVICES:
+            if not self._warned_unreadable:
+                self._warned_unreadable = True
+                rank_zero_warn(f"NaN guard: gradients on the {grads[0].device.type} device cannot be read inside "
+                               "the step; only the loss is checked")
             return
         norms = torch._foreach_norm(grads)
         total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))

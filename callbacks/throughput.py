@@ -288,7 +288,12 @@ class ThroughputMFU(L.Callback):
         prec = normalize_precision(precision)
         if prec == "fp32" and device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
             prec = "tf32"
-        self.available_flops = peak_flops(device_name_of(device), prec, configured=self.configured_peak)
+        if getattr(trainer.strategy, "measures_own_throughput", False):
+            # The host's clock and a host matmul probe say nothing of the device (a Cerebras cluster
+            # behind a CPU root_device): MFU is n/a; the strategy logs its own rates.
+            self.available_flops = self.configured_peak
+        else:
+            self.available_flops = peak_flops(device_name_of(device), prec, configured=self.configured_peak)
         self._throughput = Throughput(available_flops=self.available_flops, world_size=trainer.world_size,
                                       window_size=self.window + 1)
 

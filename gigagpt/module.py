@@ -123,10 +123,18 @@ class GPTModule(L.LightningModule):
         # Schedulers that run on the device (cstorch) keep the rate as a device tensor: log it as is.
         lr = lr.detach() if torch.is_tensor(lr) else torch.tensor(float(lr), dtype=torch.float64)
         self.log("train/lr", lr)  # to the loggers; the bar would round it to 0.000
-        tokens = (self.global_step + 1) * inputs.numel() * self.trainer.world_size
-        tokens *= self.trainer.accumulate_grad_batches
-        self.log("train/tokens", torch.tensor(float(tokens), dtype=torch.float64))
+        self._tokens_per_step = inputs.numel() * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        for name, value in self.step_counters(self.global_step).items():
+            self.log(name, torch.tensor(value, dtype=torch.float64))
         return loss
+
+    def step_counters(self, step: int) -> dict[str, float]:
+        """Host values of optimizer step ``step`` (0-based) for the loggers.
+
+        A function of the step alone, so a backend that runs training_step once and replays it (the
+        Cerebras bridge) can ask for every step's values.
+        """
+        return {"train/tokens": float((step + 1) * getattr(self, "_tokens_per_step", 0))}
 
     def validation_step(self, batch, batch_idx: int) -> torch.Tensor:
         inputs, labels = batch

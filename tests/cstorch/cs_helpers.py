@@ -34,8 +34,8 @@ def run_harness(kind: str, data: Path, out: Path, *args: str, check: bool = True
 
 def result(out: Path) -> dict:
     res = json.loads((out / "result.json").read_text())
-    for key in ("losses", "lrs", "val"):
-        res[key] = {int(k): v for k, v in res[key].items()}
+    for key in ("losses", "lrs", "val", "tokens", "lr_monitor"):
+        res[key] = {int(k): v for k, v in res.get(key, {}).items()}
     return res
 
 

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from gigagpt import GPTConfig, GPTDataModule, GPTModule, OptimConfig
@@ -53,7 +53,7 @@ def build(args):
     config = GPTConfig(vocab_size=256, max_position_embeddings=args.seq, depth=args.depth, width=args.width,
                        heads=args.heads, mup=args.mup_base_width > 0, mup_base_width=args.mup_base_width or 256)
     optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup, min_lr_ratio=0.1, weight_decay=0.1)
-    module = GPTModule(config, optim)
+    module = (MetricModule if args.train_metric else GPTModule)(config, optim)
     data = GPTDataModule(path=args.data, sequence_length=args.seq, batch_size=args.batch, seed=1337,
                          val_batches=args.val_batches)
     return module, data
@@ -82,8 +82,20 @@ def main(argv=None):
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--mup-base-width", type=int, default=0, help="turn μP on with this base width")
     p.add_argument("--save-at", type=int, default=0, help="also call trainer.save_checkpoint after this step")
+    p.add_argument("--emulate-csx", action="store_true", help="CS-X semantics on the CPU backend (csx_emulation)")
+    p.add_argument("--val-epoch", action="store_true",
+                   help="validate every --val-every steps with Lightning's default check_val_every_n_epoch=1")
+    p.add_argument("--monitor", action="store_true", help="also ModelCheckpoint(monitor='val/loss')")
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--save-final", action="store_true", help="trainer.save_checkpoint(OUT/final.ckpt) after fit")
+    p.add_argument("--train-metric", action="store_true", help="the module updates a torchmetrics metric in training_step")
+    p.add_argument("--lr-monitor", action="store_true", help="also a LearningRateMonitor")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.emulate_csx:
+        import csx_emulation
+
+        csx_emulation.install()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(1337, verbose=False)
@@ -94,6 +106,11 @@ def main(argv=None):
         callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", filename="step{step:04d}",
                                          auto_insert_metric_name=False, every_n_train_steps=args.ckpt_every,
                                          save_top_k=-1, save_last=True))
+    if args.monitor:
+        callbacks.append(ModelCheckpoint(dirpath=out / "best", filename="best{step:04d}", auto_insert_metric_name=False,
+                                         monitor="val/loss", save_top_k=1))
+    if args.lr_monitor:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     if args.save_at:
         callbacks.append(SaveAt(args.save_at, out / "manual.mdl"))
     max_steps = args.max_steps or args.steps
@@ -104,10 +121,10 @@ def main(argv=None):
         precision=args.precision,
         max_steps=max_steps,
         logger=CSVLogger(out, name="logs", version=0),
-        log_every_n_steps=1,
+        log_every_n_steps=args.log_every,
         gradient_clip_val=args.clip or None,
         val_check_interval=args.val_every or None,
-        check_val_every_n_epoch=None if args.val_every else 1,
+        check_val_every_n_epoch=1 if args.val_epoch or not args.val_every else None,
         limit_val_batches=args.val_batches if args.val_every else 0,
         num_sanity_val_steps=args.sanity,
         enable_checkpointing=bool(args.ckpt_every),
@@ -122,6 +139,8 @@ def main(argv=None):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, data, ckpt_path=args.resume)
+    if args.save_final:
+        trainer.save_checkpoint(out / "final.ckpt")
     for w in caught:  # still shown, after the run
         print(f"{w.category.__name__}: {w.message}", file=sys.stderr)
     with open(out / "logs" / "version_0" / "metrics.csv") as f:
@@ -129,17 +148,38 @@ def main(argv=None):
     losses = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
     lrs = {int(r["step"]): float(r["train/lr"]) for r in rows if r.get("train/lr")}
     vals = {int(r["step"]): float(r["val/loss"]) for r in rows if r.get("val/loss")}
+    tokens = {int(r["step"]): float(r["train/tokens"]) for r in rows if r.get("train/tokens")}
+    monitored = {int(r["step"]): float(r[k]) for r in rows for k in r if k.startswith("lr-") and r[k]}
     result = {
-        "losses": losses, "lrs": lrs, "val": vals, "step_times": timer.times, "global_step": trainer.global_step,
+        "losses": losses, "lrs": lrs, "val": vals, "tokens": tokens, "lr_monitor": monitored, "step_times": timer.times, "global_step": trainer.global_step,
         "val_batches_run": evals.batches,
         "metric_warnings": [str(w.message) for w in caught if "torchmetrics" in str(w.filename)],
         "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "progress_bar": {k: float(v) for k, v in trainer.progress_bar_metrics.items()
                          if isinstance(v, (int, float, torch.Tensor))},
     }
+    if args.emulate_csx:
+        import csx_emulation
+
+        result["emulation"] = csx_emulation.EMULATION
     tmp = out / "result.json.tmp"
     tmp.write_text(json.dumps(result))
     os.replace(tmp, out / "result.json")
+
+
+class MetricModule(GPTModule):
+    """Updates a torchmetrics metric inside training_step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from torchmetrics.aggregation import MeanMetric
+
+        self.train_mean = MeanMetric()
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.train_mean.update(loss.detach())
+        return loss
 
 
 class SaveAt(Callback):

@@ -55,7 +55,8 @@ def test_csx_validate_only_lowers_train_and_eval_steps(builtin_bytes, tmp_path):
 def test_compile_only_without_cluster_is_one_clear_line(builtin_bytes, tmp_path):
     proc = run_cli("fit", *TINY, *CS_TINY, "--data.path", str(builtin_bytes),
                    "--trainer.strategy.init_args.backend", "CSX",
-                   "--trainer.strategy.init_args.compile_only", "true", cwd=tmp_path)
+                   "--trainer.strategy.init_args.compile_only", "true", "--trainer.precision", "bf16-mixed",
+                   cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.strategies import StrategyRegistry
 
@@ -26,25 +27,38 @@ def test_registered_names():
         assert name in StrategyRegistry
 
 
-def test_accelerator_alone_picks_the_cerebras_strategy():
+def test_accelerator_alone_is_one_clear_line():
+    """Lightning chooses the strategy of accelerator="cerebras" alone itself (a SingleDeviceStrategy, in its
+    accelerator connector's _choose_strategy); the accelerator refuses to run under it, naming the setting."""
     t = trainer(accelerator="cerebras")
-    assert isinstance(t.strategy, CerebrasStrategy) and t.strategy.backend_type == "CSX"
     assert isinstance(t.accelerator, CerebrasAccelerator)
+    with pytest.raises(CerebrasError, match="runs only with a Cerebras strategy: set trainer.strategy"):
+        t.strategy.setup_environment()
 
 
-@pytest.mark.parametrize("strategy,backend", [("cerebras_cpu", "CPU"), ("cerebras_gpu", "GPU"),
-                                              (CerebrasStrategy(backend="CPU"), "CPU")])
-def test_strategy_alone_picks_the_cerebras_accelerator(strategy, backend):
-    t = trainer(strategy=strategy)
-    assert isinstance(t.accelerator, CerebrasAccelerator)
+@pytest.mark.parametrize("strategy,backend", [("cerebras_cpu", "CPU"), ("cerebras_gpu", "GPU"), ("instance", "CPU")])
+@pytest.mark.parametrize("accelerator", ["auto", "cerebras", "cpu"])
+def test_strategy_brings_its_own_accelerator(strategy, backend, accelerator):
+    strategy = CerebrasStrategy(backend="CPU") if strategy == "instance" else strategy
+    t = trainer(strategy=strategy, accelerator=accelerator)
+    assert isinstance(t.accelerator, CerebrasAccelerator) and t.accelerator.paired
     assert t.strategy.backend_type == backend
 
 
-def test_mismatched_pairs_are_clear_errors():
-    with pytest.raises(CerebrasError, match='accelerator="cerebras"'):
-        trainer(accelerator="cpu", strategy="cerebras_cpu")
+def test_cerebras_accelerator_under_another_strategy_is_refused():
+    t = trainer(accelerator="cerebras", strategy="ddp")
     with pytest.raises(CerebrasError, match="Cerebras strategy"):
-        trainer(accelerator="cerebras", strategy="ddp")
+        t.accelerator.setup_device(torch.device("cpu"))
+
+
+def test_no_lightning_class_is_patched():
+    from lightning.pytorch.trainer.connectors import accelerator_connector, checkpoint_connector
+
+    for module in (accelerator_connector, checkpoint_connector):
+        for cls in vars(module).values():
+            if isinstance(cls, type) and cls.__module__ == module.__name__:
+                for name, value in vars(cls).items():
+                    assert getattr(value, "__module__", module.__name__).startswith("lightning"), (cls, name)
 
 
 def test_precision_maps_onto_cstorch_amp():
