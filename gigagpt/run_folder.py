@@ -2,12 +2,14 @@
 
 The lock is ``fcntl.flock`` on ``<checkpoint folder>.lock``, which records the holder's pid and
 host. The kernel drops it when the holder's process ends, however it ends (``kill -9``
-included), so a lock file left by a dead run never blocks the next one. Where ``fcntl`` does not
-exist (Windows) no lock is taken.
+included), so a lock file left by a dead run never blocks the next one. A run that ends, well or
+refused, removes the lock file and the folders it made for it that stayed empty, so a refused run
+leaves nothing behind. Where ``fcntl`` does not exist (Windows) no lock is taken.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -28,38 +30,78 @@ class RunLock:
         folder = Path(folder)
         self.path = folder.with_name(folder.name + ".lock")
         self._fd: int | None = None
+        self._made: list[Path] = []
 
     def acquire(self) -> RunLock:
         if fcntl is None or self._fd is not None:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise ConfigError(
-                f"another `gigagpt fit` ({holder}) is using {self.path.with_suffix('')}: wait for it to end, "
-                "or give this run another checkpoint.dirpath") from None
+        self._made = _make_parents(self.path.parent)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise ConfigError(
+                    f"another `gigagpt fit` ({holder}) is using {self.path.with_suffix('')}: wait for it to "
+                    "end, or give this run another checkpoint.dirpath") from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # the holder removed the file as we opened it: lock the one now at the path
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
+        atexit.register(self.release)  # a run refused after this point still leaves nothing behind
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()  # while still held: a waiting run then locks a fresh file
+        except OSError:
+            pass
+        os.close(self._fd)  # closing drops the flock
+        self._fd = None
+        for folder in reversed(self._made):
+            try:
+                folder.rmdir()  # only when empty: the run's files stay
+            except OSError:
+                break
 
     __del__ = release
 
 
-def _writable(folder: Path, setting: str) -> None:
-    """Create ``folder`` if needed and write a probe file into it, or one line saying why not."""
-    probe = folder / f".gigagpt-write-probe.{os.getpid()}"
+def _make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``, returning the folders it created, outermost first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    missing.reverse()
+    for each in missing:
+        each.mkdir(exist_ok=True)
+    return missing
+
+
+def _same_file(fd: int, path: Path) -> bool:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _writable(folder: Path, setting: str) -> None:
+    """``folder``, or the nearest folder above it that exists, takes a probe file; or one line saying
+    why not. Nothing is created: the run makes its folders when it writes into them."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    probe = existing / f".gigagpt-write-probe.{os.getpid()}"
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is not a folder")
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as err:
@@ -83,6 +125,8 @@ def preflight(checkpoint_dirs: list[Path], log_dirs: list[Path], module) -> None
         _writable(folder, "the log folder")
     need = 2 * checkpoint_bytes(module)
     for folder in checkpoint_dirs:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
         free = shutil.disk_usage(folder).free
         if free < need:
             raise ConfigError(

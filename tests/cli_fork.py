@@ -10,6 +10,7 @@ two are file paths); one JSON line back, ``{"rc": exit code}``.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import runpy
@@ -51,9 +52,11 @@ def serve() -> None:
         pid = os.fork()
         if pid == 0:
             code = 1
+            atexit._clear()  # the child's own exit handlers only, run as the interpreter would at exit
             try:
                 code = _child(req)
             finally:
+                atexit._run_exitfuncs()
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
