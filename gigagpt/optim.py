@@ -37,8 +37,10 @@ class OptimConfig:
     fused: bool | None = None  # torch's fused AdamW kernel; None picks it where torch has one (CUDA, CPU)
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):  # NaN compares false to everything
-            raise ConfigError(f"model.optim.lr must be > 0, got {self.lr}; set a finite learning rate, e.g. 6e-4")
+        if not math.isfinite(self.lr):
+            raise ConfigError(f"model.optim.lr must be a finite number, got {self.lr}")
+        if self.lr <= 0:
+            raise ConfigError(f"model.optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"model.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.decay_steps is not None and self.decay_steps < 0:
