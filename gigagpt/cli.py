@@ -147,7 +147,9 @@ class GigaCLI(LightningCLI):
         config = self.config_init["fit"]
         folders = checkpoint_dirs(self.trainer)
         if rank_zero_only.rank == 0:  # DDP's other ranks run this too, after rank 0 holds the lock
-            preflight(folders, log_dirs(self.trainer), self.model)
+            strategy = self.trainer.strategy  # a Cerebras validate_only / compile_only run writes no checkpoint
+            saves = not (getattr(strategy, "validate_only", False) or getattr(strategy, "compile_only", False))
+            preflight(folders, log_dirs(self.trainer), self.model, saves=saves)
             self._run_locks = [RunLock(folder).acquire() for folder in folders]
         # (An explicit --ckpt_path takes the model's shape from the checkpoint: _parse_ckpt_path.)
         if config.get("ckpt_path") is not None or config.get("resume", "auto") != "auto":

@@ -117,12 +117,15 @@ def checkpoint_bytes(module) -> int:
     return count * (4 + 8)
 
 
-def preflight(checkpoint_dirs: list[Path], log_dirs: list[Path], module) -> None:
-    """Before step 0: every checkpoint and log folder writable, room for two checkpoints."""
+def preflight(checkpoint_dirs: list[Path], log_dirs: list[Path], module, saves: bool = True) -> None:
+    """Before step 0: every checkpoint and log folder writable, room for two checkpoints (``saves``:
+    whether the run writes checkpoints at all; a run that only lowers or compiles the model does not)."""
     for folder in checkpoint_dirs:
         _writable(folder, "checkpoint.dirpath")
     for folder in log_dirs:
         _writable(folder, "the log folder")
+    if not saves:
+        return
     need = 2 * checkpoint_bytes(module)
     for folder in checkpoint_dirs:
         while not folder.exists() and folder != folder.parent:
