@@ -21,6 +21,9 @@ import gigagpt.cli  # noqa: F401  (the slow imports: torch, Lightning, jsonargpa
 
 
 def _child(req: dict) -> int:
+    devnull = os.open(os.devnull, os.O_RDONLY)  # the request pipe is not the command's input
+    os.dup2(devnull, 0)
+    os.close(devnull)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -48,12 +52,65 @@ def builtin_gpt2(tmp_path_factory) -> Path:
     return out
 
 
+class ForkServer:
+    """A ``cli_fork.py`` process shared by the session: each request runs ``python -m gigagpt ARGS`` in a
+    forked child of one interpreter that has imported the CLI once (see ``cli_fork.py``)."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+
+    def _start(self) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        return subprocess.Popen([sys.executable, str(ROOT / "tests" / "cli_fork.py")], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True)
+
+    def run(self, argv: list[str], cwd: Path, env: dict, timeout: float) -> tuple[int, str, str]:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = self._start()
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out),
+                                              "stderr": str(err)}) + "\n")
+            self.proc.stdin.flush()
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            if not ready:  # the child and its server go together; the next request starts a new server
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                self.proc = None
+                raise subprocess.TimeoutExpired(["gigagpt", *argv], timeout)
+            reply = json.loads(self.proc.stdout.readline())
+            return reply["rc"], out.read_text(errors="replace"), err.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+_FORK_SERVER = ForkServer()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_fork_server():
+    yield
+    _FORK_SERVER.close()
+
+
 def run_gigagpt(*args: str, cwd: Path | None = None, timeout: float = 600, check: bool = True,
-                env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m gigagpt ARGS`` in a fresh process against this checkout."""
+                env: dict | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m gigagpt ARGS`` against this checkout: in a forked child of the session's fork
+    server (the real entry point, its own process, cwd and environment, without paying the imports
+    again), or with ``fresh=True`` in a new interpreter (for what happens at import time, or runs
+    that launch processes of their own)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "gigagpt", *args], cwd=cwd or ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    cwd = Path(cwd or ROOT)
+    if fresh:
+        done = subprocess.run([sys.executable, "-m", "gigagpt", *args], cwd=cwd, env=full_env,
+                              capture_output=True, text=True, timeout=timeout)
+        rc, stdout, stderr = done.returncode, done.stdout, done.stderr
+    else:
+        rc, stdout, stderr = _FORK_SERVER.run(list(args), cwd, full_env, timeout)
+    proc = subprocess.CompletedProcess(["gigagpt", *args], rc, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"gigagpt {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
