@@ -154,7 +154,10 @@ class GPTModule(L.LightningModule):
     def _log_eval(self, prefix: str) -> None:
         # The metric already reduces across ranks (token-weighted mean), so no sync_dist here.
         loss = self.val_loss.compute()
-        self.val_loss.reset()
+        # validate/test run under inference mode: a state reset there would be made of inference
+        # tensors, which a later fit's validation (under no_grad) may not update in place.
+        with torch.inference_mode(False):
+            self.val_loss.reset()
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
         self.log(f"{prefix}/ppl", torch.exp(loss.float()))
 
