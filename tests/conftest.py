@@ -28,6 +28,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _private_machine_cache(tmp_path_factory, monkeypatch):
+    """Measured CPU peaks go to a test folder, never the user's ~/.cache/gigagpt (shared by the session)."""
+    monkeypatch.setenv("GIGAGPT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "gigagpt-cache"))
+
+
 def _docs():
     return ((d, len(d.encode("utf-8"))) for d in builtin_documents())
 

@@ -133,6 +133,26 @@ def test_throughput_mfu_logs_to_every_logger(builtin_bytes, tmp_path):
     assert events and b"perf/device/mfu" in b"".join(p.read_bytes() for p in events)
 
 
+def test_mfu_above_100_percent_is_never_shown(builtin_bytes, tmp_path, monkeypatch):
+    """A CPU peak probed while the machine was busy is far too low: the MFU against it would read
+    hundreds of percent. Such a value is not shown; one warning says why."""
+    import callbacks.throughput as throughput
+
+    monkeypatch.delenv(PEAK_FLOPS_ENV, raising=False)
+    monkeypatch.setenv("GIGAGPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(throughput, "_CPU_PROBE", {}, raising=False)
+    monkeypatch.setattr(throughput, "measure_matmul_flops", lambda *a, **k: 1e6)  # a contended probe
+    monitor = ThroughputMFU(window=1)
+    with pytest.warns(RuntimeWarning, match="MFU is not shown") as caught:
+        trainer, _ = _fit(tmp_path, builtin_bytes, [monitor], max_steps=8)
+    assert sum("MFU is not shown" in str(w.message) for w in caught) == 1
+    assert monitor.last_metrics["perf/device/flops_per_sec"] > 1e6  # the rates themselves are logged
+    assert "perf/device/mfu" not in monitor.last_metrics
+    with open(trainer.loggers[0].log_dir + "/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert not [r["perf/device/mfu"] for r in rows if r.get("perf/device/mfu")]
+
+
 def test_text_samples_log_and_leave_training_untouched(builtin_bytes, tmp_path):
     """With samples every 2 steps the per-step losses equal a run without them (dropout is on)."""
     _fit(tmp_path / "plain", builtin_bytes, [])
