@@ -361,6 +361,15 @@ class ThroughputMFU(L.Callback):
                       f"again, or set {PEAK_FLOPS_ENV}")
         return out
 
+    def bar_metrics(self) -> dict[str, str]:
+        """tokens/s and MFU of the last measurement, for a progress bar (host numbers: no sync)."""
+        shown = {}
+        if "perf/tokens_per_sec" in self.last_metrics:
+            shown["tok/s"] = f"{self.last_metrics['perf/tokens_per_sec']:,.0f}"
+        if "perf/device/mfu" in self.last_metrics:
+            shown["MFU"] = f"{100 * self.last_metrics['perf/device/mfu']:.1f}%"
+        return shown
+
     # -- validation does not count as training time ---------------------------------------------------
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self._t0 is None:

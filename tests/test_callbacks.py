@@ -216,6 +216,25 @@ def test_progress_bar_reads_the_metrics_every_log_interval_only(builtin_bytes, t
     assert throttled._get_train_description(0).strip() == "Epoch 0"
 
 
+
+def test_progress_bar_shows_throughput_and_samples_print_on_their_own_lines(builtin_bytes, tmp_path, capsys):
+    """tokens/s and MFU sit in the bar beside the loss; a text sample is printed through the bar's
+    console (above it), not written behind its line."""
+    from callbacks import ThrottledRichProgressBar
+
+    bar = ThrottledRichProgressBar()
+    monitor = ThroughputMFU(peak_flops=1e11, window=1)
+    samples = TextSamples(prompt="The ", every_n_steps=4, max_new_tokens=4)
+    trainer, module = _fit(tmp_path, builtin_bytes, [bar, monitor, samples], max_steps=8, enable_progress_bar=True)
+    shown = bar.get_metrics(trainer, module)
+    tokens = monitor.last_metrics["perf/tokens_per_sec"]
+    assert shown["tok/s"] == f"{tokens:,.0f}"
+    assert shown["MFU"] == f"{100 * monitor.last_metrics['perf/device/mfu']:.1f}%"
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines()]
+    assert any(line.startswith("[sample @ step 4] 'The ' -> ") for line in lines), out[-2000:]
+
+
 class _PoisonAt(L.Callback):
     """Makes the forward pass produce NaN from optimizer step ``step`` on."""
 
