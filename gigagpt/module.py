@@ -14,6 +14,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from gigagpt.model import GPT, GPTConfig
 from gigagpt.optim import OptimConfig, build_torch_optimizer
+from gigagpt.tokenizer import training_record
 
 
 def _as_dataclass(value, cls, what: str):
@@ -108,6 +109,12 @@ class GPTModule(L.LightningModule):
             optim = replace(optim, fused=False)  # fp16 loss scaling: let Lightning unscale, then clip
         optimizer, scheduler = build_torch_optimizer(self, optim, max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the tokenizer's name and ranks file hash: sample / export find it wherever the run moves
+        record = training_record(getattr(getattr(self._trainer, "datamodule", None), "files", None))
+        if record is not None:
+            checkpoint["tokenizer"] = record
 
     # -- steps ----------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
