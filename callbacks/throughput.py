@@ -246,7 +246,7 @@ class ThroughputMFU(L.Callback):
         self.flops_per_token: float | None = None
         self.available_flops: float | None = None
         self.last_metrics: dict[str, float] = {}
-        self._told_mfu = False
+        self._told_mfu = self._peak_probed = False
         self._throughput: Throughput | None = None
         self._config: GPTConfig | None = None
         self._reset_counters()
@@ -278,6 +278,8 @@ class ThroughputMFU(L.Callback):
             self.available_flops = self.configured_peak
         else:
             self.available_flops = peak_flops(device_name_of(device), prec, configured=self.configured_peak)
+        self._peak_probed = (device.type == "cpu" and self.configured_peak is None
+                             and not os.environ.get(PEAK_FLOPS_ENV))
         self._throughput = Throughput(available_flops=self.available_flops, world_size=trainer.world_size,
                                       window_size=self.window + 1)
 
@@ -355,10 +357,11 @@ class ThroughputMFU(L.Callback):
             del out["perf/device/mfu"]  # a peak measured too low (a busy machine), not a real figure
             if not self._told_mfu:
                 self._told_mfu = True
+                why = (f"a matmul probe on a busy machine reads low; delete {cache_dir() / 'cpu_peak.json'} "
+                       "to measure again" if self._peak_probed else "the device's peak is set too low")
                 _warn(f"MFU is not shown: this run reaches {out['perf/device/flops_per_sec']:.3g} FLOP/s, "
-                      f"above the peak of {self.available_flops:.3g} it is measured against (a matmul probe "
-                      f"on a busy machine reads low); delete {cache_dir() / 'cpu_peak.json'} to measure "
-                      f"again, or set {PEAK_FLOPS_ENV}")
+                      f"above the peak of {self.available_flops:.3g} it is measured against ({why}), "
+                      f"or set {PEAK_FLOPS_ENV}")
         return out
 
     def bar_metrics(self) -> dict[str, str]:

@@ -185,8 +185,8 @@ def find_training_tokenizer(record: dict, checkpoint: str | os.PathLike, data_pa
     sha256 at the stored path, in the data folder beside the run, the same place under a folder
     above the run, ``GIGAGPT_GPT2_TIKTOKEN``, or tiktoken's cache (``TIKTOKEN_CACHE_DIR``); raises
     FileNotFoundError naming the file and how to pass it when none matches."""
-    want = record.get("sha256")
-    if record.get("name") != "gpt2" or not want:
+    want = record.get("sha256")  # absent when the ranks file was already gone at training time
+    if record.get("name") != "gpt2" or not (want or record.get("file")):
         return get_tokenizer(record.get("name") or "gpt2")
     seen = set()
     for candidate in _candidates(record, Path(checkpoint), data_path):
@@ -194,7 +194,7 @@ def find_training_tokenizer(record: dict, checkpoint: str | os.PathLike, data_pa
         if key in seen:
             continue
         seen.add(key)
-        if candidate.is_file() and file_sha256(candidate) == want:
+        if candidate.is_file() and (want is None or file_sha256(candidate) == want):
             return gpt2_from_file(candidate)
     if os.environ.get("TIKTOKEN_CACHE_DIR"):
         import tiktoken
@@ -203,11 +203,11 @@ def find_training_tokenizer(record: dict, checkpoint: str | os.PathLike, data_pa
             encoding = tiktoken.get_encoding("gpt2")
         except Exception:  # not cached and offline
             encoding = None
-        if encoding is not None and _ranks_sha256(encoding._mergeable_ranks) == want:
+        if encoding is not None and want is not None and _ranks_sha256(encoding._mergeable_ranks) == want:
             return Tokenizer(name="gpt2", vocab_size=GPT2_VOCAB, eot_token=GPT2_EOT, _encoding=encoding)
     name = Path(record.get("file") or "gpt2.tiktoken").name
     raise FileNotFoundError(
-        f"the model was trained with the GPT-2 ranks file {name} (sha256 {want[:12]}..., then at "
+        f"the model was trained with the GPT-2 ranks file {name} (sha256 {(want or '?')[:12]}..., then at "
         f"{record.get('file')}), found neither there nor beside the run (nor via GIGAGPT_GPT2_TIKTOKEN, "
         f"TIKTOKEN_CACHE_DIR); pass it with --tokenizer PATH/{name} or set GIGAGPT_GPT2_TIKTOKEN"
     )

@@ -58,26 +58,26 @@ def test_cpu_peak_is_the_best_of_several_probes_and_cached_per_machine(tmp_path,
     assert cpu_peak_flops(torch.float32, probe=probe) == 4e9
 
 
-def _fit_trainer(tmp_path, *extra):
+def _fit_trainer(data, root, *extra):
     from gigagpt.cli import cli_main
 
     # run=False: the Trainer is built as `fit` would build it, nothing trains
-    return cli_main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--data.path", str(tmp_path),
-                     "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
-                     "--checkpoint.dirpath", str(tmp_path / "ckpt"), *extra], run=False).trainer
+    return cli_main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--data.path", str(data),
+                     "--trainer.logger", "false", "--trainer.default_root_dir", str(root),
+                     "--checkpoint.dirpath", str(root / "ckpt"), *extra], run=False).trainer
 
 
 @pytest.mark.parametrize(("cpuinfo", "expected"), [(SAPPHIRE_RAPIDS, "bf16-mixed"), (EPYC_ROME, "32-true")])
 def test_a_cpu_fit_without_a_precision_picks_the_faster_one_and_says_why(
         builtin_bytes, tmp_path, monkeypatch, capsys, cpuinfo, expected):
     monkeypatch.setattr(machine, "cpu_facts", lambda: parse_cpuinfo(cpuinfo, cores=2))
-    trainer = _fit_trainer(builtin_bytes, "--trainer.accelerator", "cpu", "--trainer.precision", "null")
+    trainer = _fit_trainer(builtin_bytes, tmp_path, "--trainer.accelerator", "cpu", "--trainer.precision", "null")
     assert trainer.precision == expected
     err = capsys.readouterr().err.splitlines()
     lines = [line for line in err if line.startswith("gigagpt:") and "trainer.precision" in line]
     assert len(lines) == 1 and expected in lines[0] and "AMX" in lines[0], lines
     # a precision the user set is kept, without a word
-    trainer = _fit_trainer(builtin_bytes, "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-true")
+    trainer = _fit_trainer(builtin_bytes, tmp_path, "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-true")
     assert trainer.precision == "bf16-true"
     assert not [line for line in capsys.readouterr().err.splitlines()
                 if line.startswith("gigagpt:") and "trainer.precision" in line]

@@ -249,3 +249,22 @@ def test_sample_finds_the_training_tokenizer_from_anywhere_offline(builtin_gpt2,
         sample(capsys, moved / "run", *args)
     message = str(info.value)
     assert "\n" not in message and "gpt2.tiktoken" in message and "--tokenizer" in message, message
+
+
+def test_recorded_ranks_are_found_in_tiktokens_cache_by_hash(tmp_path, monkeypatch):
+    """No ranks file anywhere, but tiktoken's cache (TIKTOKEN_CACHE_DIR) holds GPT-2: its ranks
+    carry the recorded hash, so that encoding is used; another hash is refused in one line."""
+    import tiktoken
+
+    from gigagpt.tokenizer import file_sha256, find_training_tokenizer, gpt2_from_file
+
+    ranks = ROOT / "tests" / "data" / "gpt2.tiktoken"
+    cached = gpt2_from_file(ranks)._encoding  # what tiktoken.get_encoding("gpt2") builds from its cache
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: cached)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("GIGAGPT_GPT2_TIKTOKEN", raising=False)
+    record = {"name": "gpt2", "file": str(tmp_path / "gone" / "gpt2.tiktoken"), "sha256": file_sha256(ranks)}
+    tokenizer = find_training_tokenizer(record, tmp_path / "run" / "last.ckpt")
+    assert tokenizer._encoding is cached and tokenizer.decode(tokenizer.encode("Hello")) == "Hello"
+    with pytest.raises(FileNotFoundError, match=r"gpt2.tiktoken \(sha256 000000000000.*--tokenizer"):
+        find_training_tokenizer({**record, "sha256": "0" * 64}, tmp_path / "run" / "last.ckpt")
