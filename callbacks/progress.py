@@ -4,7 +4,9 @@ Showing ``train/loss`` means reading a device tensor, which makes the host wait 
 finish the step: once per step, Lightning's ``RichProgressBar`` keeps the host from queueing the
 next step ahead. This bar moves every step but reads the values every ``metrics_every_n_steps``
 optimizer steps (default: the Trainer's ``log_every_n_steps``, when the loggers read them anyway).
-It also names a step-bounded run's epoch as ``Epoch 0``, not ``Epoch 0/-2``.
+It also names a step-bounded run's epoch as ``Epoch 0``, not ``Epoch 0/-2``, shows the rates of
+callbacks that offer ``bar_metrics()`` (ThroughputMFU: tokens/s and MFU, host numbers measured at
+the log intervals), and prints text through rich's console, above the bar.
 """
 
 from __future__ import annotations
@@ -41,6 +43,21 @@ class ThrottledRichProgressBar(RichProgressBar):
     def _update_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._metrics_due:
             super()._update_metrics(trainer, pl_module)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        for callback in trainer.callbacks:
+            offered = getattr(callback, "bar_metrics", None)
+            if callable(offered):
+                metrics.update(offered())
+        return metrics
+
+    def print(self, *args, sep: str = " ", **kwargs) -> None:
+        """A line above the bar (``print`` would land behind the bar's own line)."""
+        if self._console is None:
+            super().print(*args, sep=sep, **kwargs)
+            return
+        self._console.print(sep.join(map(str, args)), markup=False, highlight=False, soft_wrap=True)
 
     def _get_train_description(self, current_epoch: int) -> str:
         description = super()._get_train_description(current_epoch)

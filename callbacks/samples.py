@@ -116,7 +116,12 @@ class TextSamples(L.Callback):
         return tokenizer.decode([t for t in out[0, len(ids):].tolist() if t >= 0])
 
     def _log(self, trainer: L.Trainer, step: int, text: str) -> None:
-        rank_zero_info(f"[sample @ step {step}] {self.prompt!r} -> {text!r}")
+        line = f"[sample @ step {step}] {self.prompt!r} -> {text!r}"
+        bar = trainer.progress_bar_callback
+        if bar is not None and bar.is_enabled:
+            bar.print(line)  # on a line of its own above the bar, not behind the bar's line
+        else:
+            rank_zero_info(line)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("samples", f"**{self.prompt}**{text}", global_step=step)

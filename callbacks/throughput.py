@@ -33,6 +33,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import Throughput
 
+from gigagpt.machine import cache_dir, cpu_peak_flops, measure_matmul_flops
 from gigagpt.model import GPTConfig
 
 PEAK_FLOPS_ENV = "GIGAGPT_PEAK_FLOPS"
@@ -155,27 +156,9 @@ def device_key(device_name: str) -> str | None:
 _CPU_PROBE: dict[str, float] = {}
 
 
-def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 512, seconds: float = 0.3,
-                         device: str = "cpu") -> float:
-    """Best FLOP/s of repeated ``size x size`` matrix multiplies over about ``seconds``.
-
-    A practical peak: what this machine's BLAS reaches on a dense multiply right now (shared or
-    throttled cores lower it), not the vendor's theoretical figure.
-    """
-    a = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
-    b = a.clone()
-    torch.mm(a, b)  # warm up
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while True:
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        if device != "cpu" and torch.cuda.is_available():
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        if dt > 0:
-            best = max(best, 2 * size**3 / dt)
-        if time.perf_counter() > deadline:
-            return best
+def _cpu_peak(dtype: torch.dtype) -> float:
+    """The machine's cached matmul peak (best of several probes; gigagpt.machine.cpu_peak_flops)."""
+    return cpu_peak_flops(dtype, probe=lambda d, n: measure_matmul_flops(d, size=n, seconds=0.1))
 
 
 def _warn(message: str) -> None:
@@ -188,8 +171,8 @@ def peak_flops(device_name: str, precision: str | torch.dtype = "32-true", *,
 
     Order: ``configured`` (an explicit number) > the ``GIGAGPT_PEAK_FLOPS`` environment variable >
     the :data:`PEAK_FLOPS` datasheet table for accelerators. A CPU (``device_name`` "cpu") has no
-    datasheet entry: its peak is measured once per process with a short matrix-multiply probe
-    (:func:`measure_matmul_flops`), unless ``measure_cpu=False``.
+    datasheet entry: its peak is the best of several short matrix-multiply probes, measured once per
+    machine and cached (:func:`gigagpt.machine.cpu_peak_flops`), unless ``measure_cpu=False``.
     """
     if configured is None and os.environ.get(PEAK_FLOPS_ENV):
         raw = os.environ[PEAK_FLOPS_ENV]
@@ -208,7 +191,7 @@ def peak_flops(device_name: str, precision: str | torch.dtype = "32-true", *,
             return None
         dtype = {"fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
         if prec not in _CPU_PROBE:
-            _CPU_PROBE[prec] = measure_matmul_flops(dtype)
+            _CPU_PROBE[prec] = _cpu_peak(dtype)
         return _CPU_PROBE[prec]
     key = device_key(device_name)
     if key is None:
@@ -263,6 +246,7 @@ class ThroughputMFU(L.Callback):
         self.flops_per_token: float | None = None
         self.available_flops: float | None = None
         self.last_metrics: dict[str, float] = {}
+        self._told_mfu = self._peak_probed = False
         self._throughput: Throughput | None = None
         self._config: GPTConfig | None = None
         self._reset_counters()
@@ -294,6 +278,8 @@ class ThroughputMFU(L.Callback):
             self.available_flops = self.configured_peak
         else:
             self.available_flops = peak_flops(device_name_of(device), prec, configured=self.configured_peak)
+        self._peak_probed = (device.type == "cpu" and self.configured_peak is None
+                             and not os.environ.get(PEAK_FLOPS_ENV))
         self._throughput = Throughput(available_flops=self.available_flops, world_size=trainer.world_size,
                                       window_size=self.window + 1)
 
@@ -366,7 +352,26 @@ class ThroughputMFU(L.Callback):
                     out[f"perf/{key}"] = out[f"perf/device/{key}"]
         if self.flops_per_token is not None:
             out["perf/flops_per_token"] = float(self.flops_per_token)
+        mfu = out.get("perf/device/mfu")
+        if mfu is not None and not 0 <= mfu <= 1:
+            del out["perf/device/mfu"]  # a peak measured too low (a busy machine), not a real figure
+            if not self._told_mfu:
+                self._told_mfu = True
+                why = (f"a matmul probe on a busy machine reads low; delete {cache_dir() / 'cpu_peak.json'} "
+                       "to measure again" if self._peak_probed else "the device's peak is set too low")
+                _warn(f"MFU is not shown: this run reaches {out['perf/device/flops_per_sec']:.3g} FLOP/s, "
+                      f"above the peak of {self.available_flops:.3g} it is measured against ({why}), "
+                      f"or set {PEAK_FLOPS_ENV}")
         return out
+
+    def bar_metrics(self) -> dict[str, str]:
+        """tokens/s and MFU of the last measurement, for a progress bar (host numbers: no sync)."""
+        shown = {}
+        if "perf/tokens_per_sec" in self.last_metrics:
+            shown["tok/s"] = f"{self.last_metrics['perf/tokens_per_sec']:,.0f}"
+        if "perf/device/mfu" in self.last_metrics:
+            shown["MFU"] = f"{100 * self.last_metrics['perf/device/mfu']:.1f}%"
+        return shown
 
     # -- validation does not count as training time ---------------------------------------------------
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

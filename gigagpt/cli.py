@@ -35,6 +35,7 @@ from gigagpt.checkpoint import (
 from gigagpt.commands import EXTRA_COMMANDS, run_extra
 from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.errors import ConfigError
+from gigagpt.machine import apply_cpu_precision
 from gigagpt.model import GPTConfig
 from gigagpt.module import GPTModule
 from gigagpt.run_folder import RunLock, preflight
@@ -74,6 +75,7 @@ class GigaCLI(LightningCLI):
             defaults = self.trainer_defaults.get("callbacks") or []
             self.trainer_defaults = {**self.trainer_defaults,
                                      "callbacks": [c for c in defaults if not isinstance(c, ProgressBar)]}
+        apply_cpu_precision(self._get(self.config_init, "trainer", default={}), self.subcommand)
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:  # Lightning refusing a Trainer setting

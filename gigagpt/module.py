@@ -14,6 +14,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from gigagpt.model import GPT, GPTConfig
 from gigagpt.optim import OptimConfig, build_torch_optimizer
+from gigagpt.tokenizer import training_record
 
 
 def _as_dataclass(value, cls, what: str):
@@ -109,6 +110,12 @@ class GPTModule(L.LightningModule):
         optimizer, scheduler = build_torch_optimizer(self, optim, max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the tokenizer's name and ranks file hash: sample / export find it wherever the run moves
+        record = training_record(getattr(getattr(self._trainer, "datamodule", None), "files", None))
+        if record is not None:
+            checkpoint["tokenizer"] = record
+
     # -- steps ----------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(idx, targets)
@@ -154,7 +161,10 @@ class GPTModule(L.LightningModule):
     def _log_eval(self, prefix: str) -> None:
         # The metric already reduces across ranks (token-weighted mean), so no sync_dist here.
         loss = self.val_loss.compute()
-        self.val_loss.reset()
+        # validate/test run under inference mode: a state reset there would be made of inference
+        # tensors, which a later fit's validation (under no_grad) may not update in place.
+        with torch.inference_mode(False):
+            self.val_loss.reset()
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
         self.log(f"{prefix}/ppl", torch.exp(loss.float()))
 

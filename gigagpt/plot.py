@@ -12,6 +12,10 @@ continuous run:
   after that checkpoint, and a fresh run (``--resume never``) into the same folder, starting at
   step 0, replaces the old run entirely.
 
+The figure numbers steps as the checkpoints (``step0000300.ckpt``) and text samples ("sample @ step
+300") do: step ``k`` is the state after ``k`` optimizer steps. Lightning logs the values of that
+step under CSV step ``k - 1`` (:class:`Curves` keeps the CSV's numbers; :func:`done_steps` converts).
+
 matplotlib is an optional extra: ``pip install 'gigagpt[plot]'``.
 """
 
@@ -112,6 +116,22 @@ def read_curves(run_dir: str | os.PathLike) -> Curves:
     return curves
 
 
+def done_steps(csv_steps: list[int]) -> list[int]:
+    """Optimizer steps done for the CSV's step numbers: Lightning logs step ``k``'s values at ``k - 1``."""
+    return [step + 1 for step in csv_steps]
+
+
+def _readable_axes(ax_loss, ax_lr, log_y: bool) -> None:
+    """Whole step numbers on the x axis; plain numbers ("6", not "6x10^0") on a log loss axis."""
+    from matplotlib.ticker import LogFormatter, MaxNLocator
+
+    ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if log_y:
+        ax_loss.set_yscale("log")
+        ax_loss.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax_loss.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -139,22 +159,23 @@ def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, ti
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True,
                                          gridspec_kw={"height_ratios": [3, 1.3]})
     steps, loss = curves.series("train/loss")
+    steps = done_steps(steps)
     if steps:
         ax_loss.plot(steps, loss, color="tab:blue", linewidth=1.0, alpha=0.85, label="train")
     vsteps, vloss = curves.series("val/loss")
+    vsteps = done_steps(vsteps)
     if vsteps:
         ax_loss.plot(vsteps, vloss, color="tab:orange", marker="o", markersize=3.5, linewidth=1.5, label="val")
         best = min(range(len(vloss)), key=vloss.__getitem__)
-        ax_loss.annotate(f"best val {vloss[best]:.3f} @ {vsteps[best]}", (vsteps[best], vloss[best]),
+        ax_loss.annotate(f"best val {vloss[best]:.3f} @ step {vsteps[best]}", (vsteps[best], vloss[best]),
                          textcoords="offset points", xytext=(0, 10), ha="center", fontsize=8)
     ax_loss.set_ylabel("loss (nats / token)")
-    if log_y:
-        ax_loss.set_yscale("log")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(loc="upper right")
     ax_loss.set_title(title or f"{run_dir.resolve().name}")
 
     tsteps, tokens = curves.series("train/tokens")
+    tsteps = done_steps(tsteps)
     if len(tsteps) >= 2 and tsteps[-1] > tsteps[0]:
         # tokens grow linearly with steps: a secondary axis converts one into the other
         per_step = (tokens[-1] - tokens[0]) / (tsteps[-1] - tsteps[0])
@@ -164,12 +185,14 @@ def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, ti
         top.set_xlabel("tokens")
 
     lsteps, lr = curves.series("train/lr")
+    lsteps = done_steps(lsteps)
     if lsteps:
         ax_lr.plot(lsteps, lr, color="tab:green", linewidth=1.2)
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(alpha=0.3)
+    _readable_axes(ax_loss, ax_lr, log_y)
     fig.tight_layout()
 
     output.parent.mkdir(parents=True, exist_ok=True)

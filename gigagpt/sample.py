@@ -14,10 +14,11 @@ from typing import TextIO
 
 import torch
 
-from gigagpt.checkpoint import training_tokenizer_file
-from gigagpt.convert import load_model
+from gigagpt.checkpoint import peek_checkpoint, safe_load, training_tokenizer_file
+from gigagpt.convert import is_hf_dir, load_model
 from gigagpt.generate import NO_TOKEN, check_sampling, generate_stream
-from gigagpt.tokenizer import GPT2_VOCAB, Tokenizer, get_tokenizer
+from gigagpt.mdl import is_hdf5
+from gigagpt.tokenizer import GPT2_VOCAB, Tokenizer, find_training_tokenizer, get_tokenizer
 
 FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
          "max_new_tokens": "--max-new-tokens"}
@@ -27,7 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "checkpoint",
-        help="a Lightning .ckpt (or a run folder holding last.ckpt), a Cerebras .mdl, "
+        help="a Lightning .ckpt or a Cerebras .mdl (or a run folder holding last.ckpt / last.mdl), "
         "or a Hugging Face GPT-2 folder (config.json + weights)",
     )
     parser.add_argument(
@@ -73,6 +74,36 @@ def default_tokenizer(vocab_size: int) -> str:
     raise ValueError(
         f"the model's vocabulary of {vocab_size} tokens matches no built-in tokenizer; pass --tokenizer"
     )
+
+
+def model_file(path: str | Path) -> Path:
+    """``path`` itself (a file, or a Hugging Face folder), or a run folder's newest last checkpoint
+    (``last*.ckpt`` / ``last*.mdl``), else its newest ``.ckpt`` / ``.mdl``."""
+    path = Path(path)
+    if path.is_file() or (path.is_dir() and is_hf_dir(path)):
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    found = [p for p in path.rglob("*") if p.suffix in (".ckpt", ".mdl") and p.is_file()]
+    last = [p for p in found if p.stem == "last" or p.stem.startswith("last-v")]
+    if not (last or found):
+        raise FileNotFoundError(f"no .ckpt or .mdl file under {str(path)!r}; pass a checkpoint file")
+    return max(last or found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
+
+
+def training_tokenizer(path: Path) -> Tokenizer | None:
+    """The tokenizer a checkpoint records it was trained with, found wherever the run is now."""
+    if path.is_dir():
+        return None  # a Hugging Face folder
+    try:
+        ckpt = safe_load(path) if is_hdf5(path) else peek_checkpoint(path)
+    except Exception:  # unreadable here: load_model says why
+        return None
+    record = ckpt.get("tokenizer") if isinstance(ckpt, dict) else None
+    if not isinstance(record, dict):
+        return None
+    data_path = (ckpt.get("datamodule_hyper_parameters") or {}).get("path")
+    return find_training_tokenizer(record, path, str(data_path) if data_path else None)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -204,11 +235,15 @@ def main(args: argparse.Namespace) -> list[str] | None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     prompts = collect_prompts(args)
-    model = load_model(args.checkpoint, map_location="cpu").to(device=device, dtype=dtype)
-    # The tokenizer: as given, else the local ranks file the training data was prepared with
-    # (offline GPT-2), else the one the vocabulary size implies.
-    spec = args.tokenizer or training_tokenizer_file(args.checkpoint) or default_tokenizer(model.config.vocab_size)
-    tokenizer = get_tokenizer(spec)
+    path = model_file(args.checkpoint)
+    model = load_model(path, map_location="cpu").to(device=device, dtype=dtype)
+    # The tokenizer: as given, else the one the checkpoint records (its ranks file found by hash,
+    # offline), else the local ranks file the training data was prepared with, else the one the
+    # vocabulary size implies.
+    tokenizer = None if args.tokenizer else training_tokenizer(path)
+    if tokenizer is None:
+        spec = args.tokenizer or training_tokenizer_file(path) or default_tokenizer(model.config.vocab_size)
+        tokenizer = get_tokenizer(spec)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(
             f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens but the model only "

@@ -32,6 +32,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_machine_cache(tmp_path_factory):
+    """Measured CPU peaks go to a test folder, never the user's ~/.cache/gigagpt (session-wide, so
+    module fixtures that train and subprocesses see it too)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GIGAGPT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "gigagpt-cache"))
+        yield
+
+
 def _docs():
     return ((d, len(d.encode("utf-8"))) for d in builtin_documents())
 

@@ -133,6 +133,26 @@ def test_throughput_mfu_logs_to_every_logger(builtin_bytes, tmp_path):
     assert events and b"perf/device/mfu" in b"".join(p.read_bytes() for p in events)
 
 
+def test_mfu_above_100_percent_is_never_shown(builtin_bytes, tmp_path, monkeypatch):
+    """A CPU peak probed while the machine was busy is far too low: the MFU against it would read
+    hundreds of percent. Such a value is not shown; one warning says why."""
+    import callbacks.throughput as throughput
+
+    monkeypatch.delenv(PEAK_FLOPS_ENV, raising=False)
+    monkeypatch.setenv("GIGAGPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(throughput, "_CPU_PROBE", {}, raising=False)
+    monkeypatch.setattr(throughput, "measure_matmul_flops", lambda *a, **k: 1e6)  # a contended probe
+    monitor = ThroughputMFU(window=1)
+    with pytest.warns(RuntimeWarning, match="MFU is not shown") as caught:
+        trainer, _ = _fit(tmp_path, builtin_bytes, [monitor], max_steps=8)
+    assert sum("MFU is not shown" in str(w.message) for w in caught) == 1
+    assert monitor.last_metrics["perf/device/flops_per_sec"] > 1e6  # the rates themselves are logged
+    assert "perf/device/mfu" not in monitor.last_metrics
+    with open(trainer.loggers[0].log_dir + "/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert not [r["perf/device/mfu"] for r in rows if r.get("perf/device/mfu")]
+
+
 def test_text_samples_log_and_leave_training_untouched(builtin_bytes, tmp_path):
     """With samples every 2 steps the per-step losses equal a run without them (dropout is on)."""
     _fit(tmp_path / "plain", builtin_bytes, [])
@@ -194,6 +214,25 @@ def test_progress_bar_reads_the_metrics_every_log_interval_only(builtin_bytes, t
     # A run bounded by max_steps (max_epochs -1) has no "Epoch 0/-2".
     throttled._trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False)
     assert throttled._get_train_description(0).strip() == "Epoch 0"
+
+
+
+def test_progress_bar_shows_throughput_and_samples_print_on_their_own_lines(builtin_bytes, tmp_path, capsys):
+    """tokens/s and MFU sit in the bar beside the loss; a text sample is printed through the bar's
+    console (above it), not written behind its line."""
+    from callbacks import ThrottledRichProgressBar
+
+    bar = ThrottledRichProgressBar()
+    monitor = ThroughputMFU(peak_flops=1e11, window=1)
+    samples = TextSamples(prompt="The ", every_n_steps=4, max_new_tokens=4)
+    trainer, module = _fit(tmp_path, builtin_bytes, [bar, monitor, samples], max_steps=8, enable_progress_bar=True)
+    shown = bar.get_metrics(trainer, module)
+    tokens = monitor.last_metrics["perf/tokens_per_sec"]
+    assert shown["tok/s"] == f"{tokens:,.0f}"
+    assert shown["MFU"] == f"{100 * monitor.last_metrics['perf/device/mfu']:.1f}%"
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.splitlines()]
+    assert any(line.startswith("[sample @ step 4] 'The ' -> ") for line in lines), out[-2000:]
 
 
 class _PoisonAt(L.Callback):

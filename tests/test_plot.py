@@ -151,3 +151,41 @@ def test_training_run_that_logged_only_validation_yet_is_plotted(tmp_path):
 
     cli_main(["plot", str(tmp_path)])
     assert png_size(tmp_path / "loss.png") == (1080, 840)
+
+
+def _drawn_figure(monkeypatch, *args):
+    """Run ``gigagpt plot ARGS`` and return the figure it saved, drawn (tick labels computed)."""
+    from matplotlib.figure import Figure
+
+    from gigagpt.cli import cli_main
+
+    saved, original = [], Figure.savefig
+
+    def keep(fig, *a, **kw):
+        saved.append(fig)
+        return original(fig, *a, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    cli_main(["plot", *map(str, args)])
+    fig = saved[-1]
+    fig.canvas.draw()
+    return fig
+
+
+def test_steps_agree_with_checkpoint_names_and_ticks_are_readable(tmp_path, monkeypatch):
+    """A 3-step run validated after its last step: Lightning logs that at CSV step 2, its checkpoint
+    is step0000003.ckpt and TextSamples says "step 3": the figure says 3 too. Short runs get whole
+    step numbers on the x axis, and a log loss axis plain numbers (no "6x10^0")."""
+    pytest.importorskip("matplotlib")
+    write_version(tmp_path, 0, train=[(s, 6.0 - 0.5 * s) for s in range(3)], val=[(0, 4.9), (2, 3.6)])
+    fig = _drawn_figure(monkeypatch, tmp_path, "--log-y")
+    ax_loss, ax_lr = fig.axes[:2]
+    labels = [t.get_text() for t in ax_loss.texts]
+    assert any(text.startswith("best val 3.600 @ step 3") for text in labels), labels
+    train_line = ax_loss.get_lines()[0]
+    assert list(train_line.get_xdata()) == [1, 2, 3]  # step k: after k optimizer steps
+    ticks = [t for t in ax_lr.get_xticks() if ax_lr.get_xlim()[0] <= t <= ax_lr.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    y_labels = [t.get_text() for t in ax_loss.get_yticklabels() + ax_loss.get_yticklabels(minor=True)]
+    shown = [text for text in y_labels if text]
+    assert shown and not any("times" in text or "^" in text or "×" in text for text in shown), shown

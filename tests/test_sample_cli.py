@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -203,3 +204,67 @@ def test_offline_gpt2_model_samples_with_the_ranks_file_its_data_was_prepared_wi
     capsys.readouterr()  # training's own output
     out, _ = sample(capsys, ckpt, "--prompt", "Hello world", "--max-new-tokens", "4", "--device", "cpu")
     assert out.startswith("Hello world")
+
+
+def test_sample_finds_the_training_tokenizer_from_anywhere_offline(builtin_gpt2, tmp_path, capsys, monkeypatch):
+    """Trained with a relative data path (the usual `--data.path data/mine`): sampling from another
+    folder, or after the whole project moved, still finds the ranks file (verified by its sha256)
+    and never downloads; without it, one line names the file and how to pass it."""
+    import shutil
+
+    import gigagpt.tokenizer as tokenizers
+
+    project = tmp_path / "project"
+    shutil.copytree(builtin_gpt2, project / "data")
+    (project / "tok").mkdir()
+    shutil.copy(ROOT / "tests" / "data" / "gpt2.tiktoken", project / "tok" / "gpt2.tiktoken")
+    meta = json.loads((project / "data" / "meta.json").read_text())
+    meta["tokenizer_file"] = str(project / "tok" / "gpt2.tiktoken")  # as `prepare --tokenizer tok/...` writes it
+    (project / "data" / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(project)
+    cli_main(["fit", *trainer_args(Path("data"), Path("run")), "--model.config.vocab_size", "50257",
+              "--model.config.width", "32", "--model.config.heads", "2", "--model.config.depth", "1",
+              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--samples.every_n_steps", "0"])
+
+    def no_download():
+        raise AssertionError("the online gpt2 encoding was asked for")
+
+    monkeypatch.setattr(tokenizers, "gpt2", no_download)
+    monkeypatch.delenv("GIGAGPT_GPT2_TIKTOKEN", raising=False)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    args = ["--prompt", "Hello world", "--max-new-tokens", "3", "--temperature", "0", "--device", "cpu"]
+    capsys.readouterr()
+    out, _ = sample(capsys, project / "run", *args)
+    assert out.startswith("Hello world")
+
+    moved = tmp_path / "moved"
+    project.rename(moved)  # the run, its data and the ranks file, all somewhere else now
+    again, _ = sample(capsys, moved / "run", *args)
+    assert again == out
+
+    (moved / "tok" / "gpt2.tiktoken").write_text("not the ranks\n")  # a file of that name, but not it
+    with pytest.raises(SystemExit) as info:
+        sample(capsys, moved / "run", *args)
+    message = str(info.value)
+    assert "\n" not in message and "gpt2.tiktoken" in message and "--tokenizer" in message, message
+
+
+def test_recorded_ranks_are_found_in_tiktokens_cache_by_hash(tmp_path, monkeypatch):
+    """No ranks file anywhere, but tiktoken's cache (TIKTOKEN_CACHE_DIR) holds GPT-2: its ranks
+    carry the recorded hash, so that encoding is used; another hash is refused in one line."""
+    import tiktoken
+
+    from gigagpt.tokenizer import file_sha256, find_training_tokenizer, gpt2_from_file
+
+    ranks = ROOT / "tests" / "data" / "gpt2.tiktoken"
+    cached = gpt2_from_file(ranks)._encoding  # what tiktoken.get_encoding("gpt2") builds from its cache
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: cached)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("GIGAGPT_GPT2_TIKTOKEN", raising=False)
+    record = {"name": "gpt2", "file": str(tmp_path / "gone" / "gpt2.tiktoken"), "sha256": file_sha256(ranks)}
+    tokenizer = find_training_tokenizer(record, tmp_path / "run" / "last.ckpt")
+    assert tokenizer._encoding is cached and tokenizer.decode(tokenizer.encode("Hello")) == "Hello"
+    with pytest.raises(FileNotFoundError, match=r"gpt2.tiktoken \(sha256 000000000000.*--tokenizer"):
+        find_training_tokenizer({**record, "sha256": "0" * 64}, tmp_path / "run" / "last.ckpt")

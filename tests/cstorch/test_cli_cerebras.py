@@ -39,6 +39,16 @@ def test_cpu_backend_fit_loss_falls_with_progress_bar_and_loggers(builtin_bytes,
                    "--model.optim.warmup_steps", "5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "Restored all states from the checkpoint at" in proc.stderr and "last.mdl" in proc.stderr
+    # `gigagpt sample` on the Cerebras run folder (its last.mdl), from another folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli("sample", str(tmp_path / "runs/tiny"), "--prompt", "The ", "--max-new-tokens", "8",
+                   "--device", "cpu", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("The ") and len(proc.stdout) > len("The \n")
+    from gigagpt.checkpoint import safe_load
+
+    assert safe_load(tmp_path / "runs/tiny/checkpoints/last.mdl")["tokenizer"]["name"] == "bytes"
 
 
 def test_csx_validate_only_lowers_train_and_eval_steps(builtin_bytes, tmp_path):
