@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from callbacks.throughput import device_name_of, flops_per_token, peak_flops
+from gigagpt.callbacks.throughput import device_name_of, flops_per_token, peak_flops
 from gigagpt.data import build_train_loader, read_meta
 from gigagpt.model import GPT, GPTConfig
 from gigagpt.optim import OptimConfig, build_torch_optimizer
@@ -150,7 +150,7 @@ def run_lightning(config, args, precision, compile_, data, device, bar: bool = F
     """``Trainer.fit`` on GPTModule + GPTDataModule, timed from step ``warmup`` to the end."""
     import lightning as L
 
-    from callbacks import ThrottledRichProgressBar
+    from gigagpt.callbacks import ThrottledRichProgressBar
     from gigagpt.data import GPTDataModule
     from gigagpt.module import GPTModule
 

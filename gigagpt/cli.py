@@ -21,23 +21,24 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from accelerators.errors import CerebrasError
-from callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRichProgressBar, ThroughputMFU
-from gigagpt.checkpoint import (
-    SHAPE_FIELDS,
-    AtomicCheckpointIO,
-    cstorch_optimizer_state,
-    newest_complete_checkpoint,
-    peek_checkpoint,
-    saved_model_config,
-    shape_differences,
-)
+from gigagpt.accelerators.errors import CerebrasError
+from gigagpt.callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRichProgressBar, ThroughputMFU
+from gigagpt.checkpoint import AtomicCheckpointIO
 from gigagpt.commands import EXTRA_COMMANDS, run_extra
 from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.errors import ConfigError
 from gigagpt.model import GPTConfig
 from gigagpt.module import GPTModule
-from gigagpt.run_folder import RunLock, preflight
+from gigagpt.run_folder import (
+    SHAPE_FIELDS,
+    RunLock,
+    cstorch_optimizer_state,
+    newest_complete_checkpoint,
+    peek_checkpoint,
+    preflight,
+    saved_model_config,
+    shape_differences,
+)
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 MAX_SEED = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything and data.seed feed

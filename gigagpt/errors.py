@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
     """A setting (model, optimizer, schedule, data) is invalid; the message names it and the fix."""
+
+
+class ConversionError(ValueError):
+    """A model cannot be represented in the target format; the message says why and what to do."""

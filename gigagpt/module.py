@@ -157,7 +157,3 @@ class GPTModule(L.LightningModule):
         self.val_loss.reset()
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
         self.log(f"{prefix}/ppl", torch.exp(loss.float()))
-
-
-# Registers Trainer(accelerator="cerebras") with Lightning (cstorch loads only when used).
-import accelerators  # noqa: E402,F401

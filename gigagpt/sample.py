@@ -14,8 +14,7 @@ from typing import TextIO
 
 import torch
 
-from gigagpt.checkpoint import training_tokenizer_file
-from gigagpt.convert import load_model
+from gigagpt.checkpoint import load_model, training_tokenizer_file
 from gigagpt.generate import NO_TOKEN, check_sampling, generate_stream
 from gigagpt.tokenizer import GPT2_VOCAB, Tokenizer, get_tokenizer
 

@@ -12,9 +12,15 @@ import resume_harness as H
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from callbacks import NonFiniteGuard, NonFiniteLossError, StepSeed, TextSamples, ThroughputMFU
-from callbacks.rng import step_seed
-from callbacks.throughput import PEAK_FLOPS_ENV, device_key, flops_per_token, matmul_params, peak_flops
+from gigagpt.callbacks import NonFiniteGuard, NonFiniteLossError, StepSeed, TextSamples, ThroughputMFU
+from gigagpt.callbacks.rng import step_seed
+from gigagpt.callbacks.throughput import (
+    PEAK_FLOPS_ENV,
+    device_key,
+    flops_per_token,
+    matmul_params,
+    peak_flops,
+)
 from gigagpt.model import GPT, GPTConfig
 
 
@@ -171,7 +177,7 @@ def test_progress_bar_reads_the_metrics_every_log_interval_only(builtin_bytes, t
     """Each readout of train/loss is a device synchronisation: at log intervals, not every step."""
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from callbacks import ThrottledRichProgressBar
+    from gigagpt.callbacks import ThrottledRichProgressBar
 
     def counting(cls):
         class Counting(cls):

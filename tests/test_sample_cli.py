@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gigagpt.checkpoint import load_model
 from gigagpt.cli import cli_main
-from gigagpt.convert import load_model
 from gigagpt.data import WindowDataset
 from gigagpt.generate import generate
 from gigagpt.tokenizer import bytes_tokenizer

@@ -14,7 +14,7 @@ import gigagpt  # noqa: F401  (registers "cerebras")
 
 pytest.importorskip("cerebras.pytorch")
 
-from accelerators import CerebrasAccelerator, CerebrasError, CerebrasPrecision, CerebrasStrategy
+from gigagpt.accelerators import CerebrasAccelerator, CerebrasError, CerebrasPrecision, CerebrasStrategy
 
 
 def trainer(**kw) -> L.Trainer:
