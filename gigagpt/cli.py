@@ -1,8 +1,8 @@
-"""The ``gigagpt`` command.
+"""The training half of the ``gigagpt`` command (:mod:`gigagpt.commands` dispatches to it).
 
 ``gigagpt fit|validate|test|predict --config configs/tiny.yaml`` is a LightningCLI over
-:class:`GPTModule` and :class:`GPTDataModule`; ``gigagpt prepare|sample|export|plot`` are plain
-commands beside it.
+:class:`GPTModule` and :class:`GPTDataModule`, composed here with the Cerebras bridge
+(:mod:`gigagpt.accelerators`, which registers the ``cerebras`` names) and gigagpt's callbacks.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from gigagpt.accelerators.errors import CerebrasError
 from gigagpt.callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRichProgressBar, ThroughputMFU
 from gigagpt.checkpoint import AtomicCheckpointIO
-from gigagpt.commands import EXTRA_COMMANDS, run_extra
 from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.errors import ConfigError
 from gigagpt.model import GPTConfig
@@ -262,9 +261,6 @@ def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
     """The LightningCLI (``fit|validate|test|predict``); ``argv=None`` reads ``sys.argv``."""
     args = argv
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        run_extra(argv[0], argv[1:])
-        return None
     try:
         return GigaCLI(
             GPTModule,
@@ -370,13 +366,3 @@ def _config_error(err: BaseException | None) -> ConfigError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
-
-
-def main() -> None:
-    from gigagpt.commands import main as dispatch
-
-    dispatch()
-
-
-if __name__ == "__main__":
-    main()

@@ -10,6 +10,7 @@ import torch
 
 from gigagpt.checkpoint import ConversionError, lightning_checkpoint, load_model, save_lightning_checkpoint
 from gigagpt.cli import cli_main
+from gigagpt.commands import main as gigagpt_main
 from gigagpt.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from gigagpt.model import GPT, GPTConfig
 
@@ -135,21 +136,21 @@ def test_export_command_round_trip(tmp_path, capsys):
     pytest.importorskip("safetensors")
     model = random_gpt()
     save_lightning_checkpoint(model, tmp_path / "a.ckpt")
-    cli_main(["export", str(tmp_path / "a.ckpt"), str(tmp_path / "hf")])
+    gigagpt_main(["export", str(tmp_path / "a.ckpt"), str(tmp_path / "hf")])
     assert "GPT2LMHeadModel" in capsys.readouterr().out
     assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "hf").iterdir()}
-    cli_main(["export", str(tmp_path / "hf"), str(tmp_path / "b.ckpt")])
+    gigagpt_main(["export", str(tmp_path / "hf"), str(tmp_path / "b.ckpt")])
     a = torch.load(tmp_path / "a.ckpt", weights_only=True)
     b = torch.load(tmp_path / "b.ckpt", weights_only=True)
     assert_same_state(a["state_dict"], b["state_dict"])
     assert a["hyper_parameters"] == b["hyper_parameters"]
-    cli_main(["export", str(tmp_path / "hf"), str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    gigagpt_main(["export", str(tmp_path / "hf"), str(tmp_path / "bf16"), "--dtype", "bfloat16"])
     assert load_model(tmp_path / "bf16").wte.weight.dtype == torch.bfloat16
     with pytest.raises(SystemExit, match="bias is false"):
         save_lightning_checkpoint(GPT(replace(ODD, bias=False)), tmp_path / "nobias.ckpt")
-        cli_main(["export", str(tmp_path / "nobias.ckpt"), str(tmp_path / "nobias")])
+        gigagpt_main(["export", str(tmp_path / "nobias.ckpt"), str(tmp_path / "nobias")])
     with pytest.raises(SystemExit, match="does not exist"):
-        cli_main(["export", str(tmp_path / "missing.ckpt"), str(tmp_path / "x")])
+        gigagpt_main(["export", str(tmp_path / "missing.ckpt"), str(tmp_path / "x")])
 
 
 def test_mdl_without_cerebras_says_how_to_install(tmp_path):
@@ -159,9 +160,9 @@ def test_mdl_without_cerebras_says_how_to_install(tmp_path):
         pytest.skip("cerebras-pytorch is installed here")
     (tmp_path / "model.mdl").write_bytes(b"\x89HDF\r\n\x1a\n")
     with pytest.raises(SystemExit, match=r'pip install "gigagpt\[cerebras\]"'):
-        cli_main(["export", str(tmp_path / "model.mdl"), str(tmp_path / "hf")])
+        gigagpt_main(["export", str(tmp_path / "model.mdl"), str(tmp_path / "hf")])
     with pytest.raises(SystemExit, match=r'pip install "gigagpt\[cerebras\]"'):
-        cli_main(["sample", str(tmp_path / "model.mdl"), "--prompt", "x"])
+        gigagpt_main(["sample", str(tmp_path / "model.mdl"), "--prompt", "x"])
 
 
 def test_mdl_checkpoint_loads(tmp_path):
@@ -169,9 +170,9 @@ def test_mdl_checkpoint_loads(tmp_path):
     model = random_gpt(GPTConfig(vocab_size=256, max_position_embeddings=32, depth=2, width=32, heads=2))
     cstorch.save(lightning_checkpoint(model), str(tmp_path / "model.mdl"))
     assert_same_state(load_model(tmp_path / "model.mdl").state_dict(), model.state_dict())
-    cli_main(["export", str(tmp_path / "model.mdl"), str(tmp_path / "back.ckpt")])
+    gigagpt_main(["export", str(tmp_path / "model.mdl"), str(tmp_path / "back.ckpt")])
     assert_same_state(load_model(tmp_path / "back.ckpt").state_dict(), model.state_dict())
-    cli_main(["export", str(tmp_path / "back.ckpt"), str(tmp_path / "again.mdl")])
+    gigagpt_main(["export", str(tmp_path / "back.ckpt"), str(tmp_path / "again.mdl")])
     assert_same_state(load_model(tmp_path / "again.mdl").state_dict(), model.state_dict())
     # A Cerebras run's checkpoint callback may write HDF5 under a .ckpt name: read by content.
     (tmp_path / "again.mdl").rename(tmp_path / "hdf5.ckpt")
