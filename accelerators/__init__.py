@@ -9,15 +9,15 @@ if __name__ != "gigagpt.accelerators":  # the repository's folder reached as a t
     raise ImportError(f"this package installs as gigagpt.accelerators; import that, not {__name__}")
 
 
-from gigagpt.accelerators.cerebras import CerebrasAccelerator
-from gigagpt.accelerators.checkpoint_io import CerebrasCheckpointIO
-from gigagpt.accelerators.checkpointing import CerebrasModelCheckpoint
-from gigagpt.accelerators.errors import (
+from gigagpt.accelerators.bridge_errors import (
     CerebrasCheckpointError,
     CerebrasClusterError,
     CerebrasError,
     CerebrasNotInstalledError,
 )
+from gigagpt.accelerators.cerebras import CerebrasAccelerator
+from gigagpt.accelerators.checkpoint_io import CerebrasCheckpointIO
+from gigagpt.accelerators.checkpointing import CerebrasModelCheckpoint
 from gigagpt.accelerators.precision import CerebrasPrecision
 from gigagpt.accelerators.registration import register
 from gigagpt.accelerators.settings import ClusterSettings

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 
 from gigagpt.accelerators import private
-from gigagpt.accelerators.errors import CerebrasError, import_cstorch
+from gigagpt.accelerators.bridge_errors import CerebrasError, import_cstorch
 
 
 class _Captured:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.accelerators import Accelerator
 
-from gigagpt.accelerators.errors import CerebrasError, cstorch_available, import_cstorch
+from gigagpt.accelerators.bridge_errors import CerebrasError, cstorch_available, import_cstorch
 
 
 class CerebrasAccelerator(Accelerator):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from gigagpt.accelerators.errors import import_cstorch
+from gigagpt.accelerators.bridge_errors import import_cstorch
 from gigagpt.checkpoint import atomic_save, atomic_write, safe_load, save_lightning_checkpoint
 from gigagpt.mdl import is_hdf5
 from gigagpt.model import GPT
@@ -50,7 +50,7 @@ class CerebrasCheckpointIO(CheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
         # Not cstorch.load: it unpickles with dill and falls back to torch.load(weights_only=False).
-        from gigagpt.accelerators.errors import CerebrasCheckpointError
+        from gigagpt.accelerators.bridge_errors import CerebrasCheckpointError
 
         path = Path(path)
         if not path.is_file():

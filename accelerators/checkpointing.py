@@ -23,8 +23,8 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gigagpt.accelerators import private
+from gigagpt.accelerators.bridge_errors import CerebrasCheckpointError, import_cstorch
 from gigagpt.accelerators.checkpoint_io import MDL_SUFFIX
-from gigagpt.accelerators.errors import CerebrasCheckpointError, import_cstorch
 
 _STATE_KEYS = ("state_dict", "optimizer_states", "lr_schedulers")
 

@@ -13,6 +13,7 @@ import re
 from contextlib import contextmanager
 
 from gigagpt.accelerators import private
+from gigagpt.accelerators.bridge_errors import CerebrasClusterError, CerebrasError, import_cstorch
 from gigagpt.accelerators.data import (
     Stream,
     cerebras_eval_factory,
@@ -20,7 +21,6 @@ from gigagpt.accelerators.data import (
     cluster_args,
     eval_batches,
 )
-from gigagpt.accelerators.errors import CerebrasClusterError, CerebrasError, import_cstorch
 
 
 def steps_until_validation(trainer, start: int, stream_length: int) -> int:

@@ -31,11 +31,11 @@ from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 
 from gigagpt.accelerators import private
+from gigagpt.accelerators.bridge_errors import CerebrasError, import_cstorch
 from gigagpt.accelerators.capture import CaptureMixin
 from gigagpt.accelerators.cerebras import CerebrasAccelerator
 from gigagpt.accelerators.checkpoint_io import CerebrasCheckpointIO
 from gigagpt.accelerators.checkpointing import CheckpointsMixin
-from gigagpt.accelerators.errors import CerebrasError, import_cstorch
 from gigagpt.accelerators.executors import ExecutorsMixin, cluster_guard
 from gigagpt.accelerators.fastpath import eager_fast_path
 from gigagpt.accelerators.precision import CerebrasPrecision

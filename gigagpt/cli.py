@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from gigagpt.accelerators.errors import CerebrasError
+from gigagpt.accelerators.bridge_errors import CerebrasError
 from gigagpt.callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRichProgressBar, ThroughputMFU
 from gigagpt.checkpoint import AtomicCheckpointIO
 from gigagpt.data import DataConfigError, GPTDataModule

@@ -78,7 +78,7 @@ def check_destination(destination: Path, force: bool) -> None:
     if destination.suffix in (".ckpt", ".mdl") and destination.exists() and not force:
         raise ValueError(f"destination {destination} exists (a training checkpoint?); pass --force to "
                          "replace it, or choose another destination")
-    from gigagpt.accelerators.errors import cstorch_available
+    from gigagpt.accelerators.bridge_errors import cstorch_available
 
     if destination.suffix == ".mdl" and not cstorch_available():
         raise ValueError(f"writing {destination} (a Cerebras .mdl) needs cerebras-pytorch (cstorch), which is "
@@ -137,8 +137,12 @@ def main(argv: list[str] | None = None) -> None:
         run_extra(argv[0], argv[1:])
         return
     from gigagpt.cli import cli_main
+    from gigagpt.errors import GigagptError
 
-    cli_main(argv if argv != sys.argv[1:] else None)
+    try:
+        cli_main(argv if argv != sys.argv[1:] else None)
+    except GigagptError as err:  # what the CLI did not word itself (e.g. a non-finite loss mid-run)
+        raise SystemExit(f"gigagpt: {' '.join(str(err).split())}") from None
 
 
 if __name__ == "__main__":

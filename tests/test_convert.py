@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from gigagpt.checkpoint import ConversionError, lightning_checkpoint, load_model, save_lightning_checkpoint
-from gigagpt.cli import cli_main
 from gigagpt.commands import main as gigagpt_main
 from gigagpt.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from gigagpt.model import GPT, GPTConfig
@@ -154,7 +153,7 @@ def test_export_command_round_trip(tmp_path, capsys):
 
 
 def test_mdl_without_cerebras_says_how_to_install(tmp_path):
-    from gigagpt.accelerators.errors import cstorch_available
+    from gigagpt.accelerators.bridge_errors import cstorch_available
 
     if cstorch_available():
         pytest.skip("cerebras-pytorch is installed here")

@@ -151,3 +151,39 @@ def test_the_folders_refuse_to_load_under_their_top_level_names():
     proc = subprocess.run([sys.executable, "-c", "import callbacks"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120, check=False)
     assert proc.returncode != 0 and "import that, not callbacks" in proc.stderr, proc.stderr
+
+
+def test_every_project_error_derives_from_one_root():
+    """Every exception class defined in gigagpt, the bridge and the callbacks (each module imports without
+    cerebras-pytorch or matplotlib)."""
+    import importlib
+    import inspect
+
+    from gigagpt.errors import GigagptError
+
+    loose = []
+    for module in source_modules():
+        if module.endswith("__main__"):
+            continue  # runs the command
+        mod = importlib.import_module(module)
+        for name, cls in vars(mod).items():
+            if (inspect.isclass(cls) and issubclass(cls, Exception) and cls.__module__ == module
+                    and not issubclass(cls, GigagptError)):
+                loose.append(f"{module}.{name}")
+    assert not loose, "errors outside GigagptError: " + ", ".join(loose)
+
+
+def test_an_error_raised_during_a_run_is_one_gigagpt_line(monkeypatch, capsys):
+    import pytest
+
+    import gigagpt.cli
+    from gigagpt.callbacks import NonFiniteLossError
+    from gigagpt.commands import main
+
+    def run(argv):
+        raise NonFiniteLossError("non-finite loss at step 3;\nthe last checkpoint is runs/x/last.ckpt")
+
+    monkeypatch.setattr(gigagpt.cli, "cli_main", run)
+    with pytest.raises(SystemExit) as info:
+        main(["fit"])
+    assert info.value.code == "gigagpt: non-finite loss at step 3; the last checkpoint is runs/x/last.ckpt"
