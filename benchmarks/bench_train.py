@@ -116,7 +116,7 @@ def train_step(model, optimizer, scheduler, x, y, precision: str, device: torch.
 
 def run_raw(config, args, precision, compile_, data, device) -> Result:
     """The plain PyTorch loop: what Lightning's automatic optimization does, written out."""
-    from gigagpt.speed import compile_blocks
+    from gigagpt.parallelize import compile_blocks
 
     total = args.warmup + args.steps
     torch.manual_seed(args.seed)

@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     if args.precision == "bf16-true":
         model.to(torch.bfloat16)
     if args.compile:
-        from gigagpt.speed import compile_blocks
+        from gigagpt.parallelize import compile_blocks
 
         compile_blocks(model)
     optimizer, scheduler = build_torch_optimizer(model, OptimConfig(warmup_steps=2), args.warmup + args.steps)

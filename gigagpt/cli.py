@@ -26,10 +26,9 @@ from gigagpt.callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRi
 from gigagpt.checkpoint import AtomicCheckpointIO
 from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.errors import ConfigError
-from gigagpt.model import GPTConfig
+from gigagpt.model import SHAPE_FIELDS, GPTConfig
 from gigagpt.module import GPTModule
 from gigagpt.run_folder import (
-    SHAPE_FIELDS,
     RunLock,
     cstorch_optimizer_state,
     newest_complete_checkpoint,

@@ -141,11 +141,6 @@ def preflight(checkpoint_dirs: list[Path], log_dirs: list[Path], module, saves: 
 
 
 # -- which checkpoint of a run folder resumes -------------------------------------------------------
-# The GPTConfig fields that fix tensor shapes; the others (dropout, activation, vocab padding,
-# init) may change when a run is resumed.
-SHAPE_FIELDS = ("vocab_size", "max_position_embeddings", "depth", "width", "heads", "bias")
-
-
 def peek_checkpoint(path: str | os.PathLike) -> dict | None:
     """A ``.ckpt``'s dictionary with its tensors memory-mapped, not read: cheap at any model size.
     ``None`` for what is not a zip checkpoint (Lightning's own loading reports those)."""
@@ -219,6 +214,8 @@ def cstorch_optimizer_state(ckpt: dict | None) -> bool:
 def shape_differences(path: str | os.PathLike, config) -> list[str]:
     """``field: checkpoint value -> config value`` for every shape setting (of ``config``, a
     :class:`~gigagpt.model.GPTConfig`) that differs."""
+    from gigagpt.model import SHAPE_FIELDS
+
     saved = saved_model_config(peek_checkpoint(path))
     if saved is None:
         return []

@@ -35,7 +35,7 @@ def train(data: str, out: str, strategy: str, devices: int, batch_size: int, ste
     from gigagpt.model import Block, GPTConfig
     from gigagpt.module import GPTModule
     from gigagpt.optim import OptimConfig
-    from gigagpt.speed import build_for_fsdp
+    from gigagpt.parallelize import build_for_fsdp
 
     torch.set_num_threads(1)
 
@@ -185,7 +185,7 @@ def test_ranks_see_the_global_batch_of_one_rank():
 def test_fsdp_build_matches_init_weights_and_keeps_tie():
     """build_for_fsdp (meta layout, piece-wise materialisation) gives init_weights()'s exact weights."""
     from gigagpt.model import GPT, GPTConfig
-    from gigagpt.speed import build_for_fsdp
+    from gigagpt.parallelize import build_for_fsdp
 
     config = GPTConfig(**CONFIG)
     with torch.device("meta"):
