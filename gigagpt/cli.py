@@ -256,8 +256,10 @@ def log_dirs(trainer) -> list[Path]:
     return found
 
 
-def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
-    """The LightningCLI (``fit|validate|test|predict``); ``argv=None`` reads ``sys.argv``."""
+def cli_main(argv: list[str] | None = None, run: bool = True,
+             other_commands: tuple[str, ...] = ()) -> GigaCLI | None:
+    """The LightningCLI (``fit|validate|test|predict``); ``argv=None`` reads ``sys.argv``.
+    ``other_commands``: the dispatcher's plain commands, named in ``--help``."""
     args = argv
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -271,8 +273,8 @@ def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
                 # a wrong argument is one line (cli_main), the usage only on --help
                 "exit_on_error": False,
                 "prog": "gigagpt",
-                "description": "Train GPT models with Lightning. Other commands: "
-                "gigagpt prepare | sample | export | plot (each with --help).",
+                "description": "Train GPT models with Lightning."
+                + (f" Other commands: gigagpt {' | '.join(other_commands)} (each with --help)." if other_commands else ""),
             },
             save_config_kwargs={"overwrite": True},
         )

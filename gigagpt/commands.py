@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     from gigagpt.errors import GigagptError
 
     try:
-        cli_main(argv if argv != sys.argv[1:] else None)
+        cli_main(argv if argv != sys.argv[1:] else None, other_commands=tuple(EXTRA_COMMANDS))
     except GigagptError as err:  # what the CLI did not word itself (e.g. a non-finite loss mid-run)
         raise SystemExit(f"gigagpt: {' '.join(str(err).split())}") from None
 
