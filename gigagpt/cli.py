@@ -1,6 +1,6 @@
 """The training half of the ``gigagpt`` command (:mod:`gigagpt.commands` dispatches to it).
 
-``gigagpt fit|validate|test|predict --config configs/tiny.yaml`` is a LightningCLI over
+``gigagpt fit|validate|test --config configs/tiny.yaml`` is a LightningCLI over
 :class:`GPTModule` and :class:`GPTDataModule`, composed here with the Cerebras bridge
 (:mod:`gigagpt.accelerators`, which registers the ``cerebras`` names) and gigagpt's callbacks.
 """
@@ -38,12 +38,17 @@ from gigagpt.run_folder import (
     shape_differences,
 )
 
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+TRAINER_COMMANDS = ("fit", "validate", "test")
 MAX_SEED = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything and data.seed feed
 
 
 class GigaCLI(LightningCLI):
     """LightningCLI with checkpointing and a rich progress bar wired in by default."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, without ``predict``: GPTModule has no predict step (``gigagpt sample`` generates)."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in TRAINER_COMMANDS}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -236,29 +241,29 @@ def _overwrite_own_names(trainer) -> None:
             callback._enable_version_counter = False
 
 
+def _local_folders(objects, attribute: str) -> list[Path]:
+    """The distinct local paths (no ``scheme://``) in ``attribute`` of ``objects``, where set."""
+    found = []
+    for obj in objects:
+        folder = getattr(obj, attribute, None)
+        if folder and "://" not in str(folder) and Path(folder) not in found:
+            found.append(Path(folder))
+    return found
+
+
 def checkpoint_dirs(trainer) -> list[Path]:
     """The ``dirpath`` of each of the trainer's ModelCheckpoint callbacks (where it is set)."""
-    found = []
-    for callback in trainer.checkpoint_callbacks:
-        dirpath = getattr(callback, "dirpath", None)
-        if dirpath and "://" not in str(dirpath) and Path(dirpath) not in found:
-            found.append(Path(dirpath))
-    return found
+    return _local_folders(trainer.checkpoint_callbacks, "dirpath")
 
 
 def log_dirs(trainer) -> list[Path]:
     """The local folders the trainer's loggers write under."""
-    found = []
-    for logger in trainer.loggers:
-        save_dir = getattr(logger, "save_dir", None)
-        if save_dir and "://" not in str(save_dir) and Path(save_dir) not in found:
-            found.append(Path(save_dir))
-    return found
+    return _local_folders(trainer.loggers, "save_dir")
 
 
 def cli_main(argv: list[str] | None = None, run: bool = True,
              other_commands: tuple[str, ...] = ()) -> GigaCLI | None:
-    """The LightningCLI (``fit|validate|test|predict``); ``argv=None`` reads ``sys.argv``.
+    """The LightningCLI (``fit|validate|test``); ``argv=None`` reads ``sys.argv``.
     ``other_commands``: the dispatcher's plain commands, named in ``--help``."""
     args = argv
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -268,6 +273,7 @@ def cli_main(argv: list[str] | None = None, run: bool = True,
             GPTDataModule,
             args=args,
             run=run,
+            auto_configure_optimizers=False,  # the optimizer and schedule are model.optim (OptimConfig)
             trainer_defaults={"callbacks": [ThrottledRichProgressBar()]},
             parser_kwargs={
                 # a wrong argument is one line (cli_main), the usage only on --help

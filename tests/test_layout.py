@@ -187,3 +187,20 @@ def test_an_error_raised_during_a_run_is_one_gigagpt_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         main(["fit"])
     assert info.value.code == "gigagpt: non-finite loss at step 3; the last checkpoint is runs/x/last.ckpt"
+
+
+def test_help_lists_only_what_works(capsys):
+    """No ``predict`` (GPTModule has no predict step: ``gigagpt sample`` generates) and no
+    ``--optimizer`` / ``--lr_scheduler`` (the optimizer is ``--model.optim``)."""
+    import pytest
+
+    from gigagpt.cli import cli_main
+
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    top = capsys.readouterr().out
+    assert "fit" in top and "predict" not in top, top
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    fit = capsys.readouterr().out
+    assert "--model.optim" in fit and "--optimizer" not in fit and "--lr_scheduler" not in fit
