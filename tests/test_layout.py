@@ -180,7 +180,7 @@ def test_an_error_raised_during_a_run_is_one_gigagpt_line(monkeypatch, capsys):
     from gigagpt.callbacks import NonFiniteLossError
     from gigagpt.commands import main
 
-    def run(argv):
+    def run(argv, **kwargs):
         raise NonFiniteLossError("non-finite loss at step 3;\nthe last checkpoint is runs/x/last.ckpt")
 
     monkeypatch.setattr(gigagpt.cli, "cli_main", run)
