@@ -5,19 +5,23 @@ strategies ``cerebras`` (CSX), ``cerebras_cpu``, ``cerebras_gpu`` and ``cerebras
 Lightning. cerebras-pytorch itself is imported only when a Cerebras run starts.
 """
 
-from accelerators.cerebras import CerebrasAccelerator
-from accelerators.checkpoint_io import CerebrasCheckpointIO
-from accelerators.checkpointing import CerebrasModelCheckpoint
-from accelerators.errors import (
+if __name__ != "gigagpt.accelerators":  # the repository's folder reached as a top-level package: a second copy
+    raise ImportError(f"this package installs as gigagpt.accelerators; import that, not {__name__}")
+
+
+from gigagpt.accelerators.bridge_errors import (
     CerebrasCheckpointError,
     CerebrasClusterError,
     CerebrasError,
     CerebrasNotInstalledError,
 )
-from accelerators.precision import CerebrasPrecision
-from accelerators.registration import register
-from accelerators.settings import ClusterSettings
-from accelerators.strategy import CerebrasStrategy
+from gigagpt.accelerators.cerebras import CerebrasAccelerator
+from gigagpt.accelerators.checkpoint_io import CerebrasCheckpointIO
+from gigagpt.accelerators.checkpointing import CerebrasModelCheckpoint
+from gigagpt.accelerators.precision import CerebrasPrecision
+from gigagpt.accelerators.registration import register
+from gigagpt.accelerators.settings import ClusterSettings
+from gigagpt.accelerators.strategy import CerebrasStrategy
 
 __all__ = [
     "CerebrasAccelerator",

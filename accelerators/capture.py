@@ -15,8 +15,8 @@ from contextlib import contextmanager
 
 import torch
 
-from accelerators import private
-from accelerators.errors import CerebrasError, import_cstorch
+from gigagpt.accelerators import private
+from gigagpt.accelerators.bridge_errors import CerebrasError, import_cstorch
 
 
 class _Captured:
@@ -28,7 +28,7 @@ class _Captured:
 
 
 class CaptureMixin:
-    """Log/metric capture of :class:`~accelerators.strategy.CerebrasStrategy`."""
+    """Log/metric capture of :class:`~gigagpt.accelerators.strategy.CerebrasStrategy`."""
 
     @contextmanager
     def _capture(self, module, fx: str):

@@ -1,6 +1,6 @@
 """CerebrasAccelerator: the Lightning accelerator for cerebras.pytorch (cstorch) backends.
 
-The device work (backend, compile, lazy tensors) belongs to :class:`~accelerators.strategy.CerebrasStrategy`;
+The device work (backend, compile, lazy tensors) belongs to :class:`~gigagpt.accelerators.strategy.CerebrasStrategy`;
 the accelerator only tells Lightning that one logical device drives a whole cluster.
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.accelerators import Accelerator
 
-from accelerators.errors import CerebrasError, cstorch_available, import_cstorch
+from gigagpt.accelerators.bridge_errors import CerebrasError, cstorch_available, import_cstorch
 
 
 class CerebrasAccelerator(Accelerator):

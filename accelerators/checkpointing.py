@@ -22,9 +22,9 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from accelerators import private
-from accelerators.checkpoint_io import MDL_SUFFIX
-from accelerators.errors import CerebrasCheckpointError, import_cstorch
+from gigagpt.accelerators import private
+from gigagpt.accelerators.bridge_errors import CerebrasCheckpointError, import_cstorch
+from gigagpt.accelerators.checkpoint_io import MDL_SUFFIX
 
 _STATE_KEYS = ("state_dict", "optimizer_states", "lr_schedulers")
 
@@ -36,7 +36,7 @@ class CerebrasModelCheckpoint(ModelCheckpoint):
 
 
 class CheckpointsMixin:
-    """Checkpoint schedule and saves of :class:`~accelerators.strategy.CerebrasStrategy`."""
+    """Checkpoint schedule and saves of :class:`~gigagpt.accelerators.strategy.CerebrasStrategy`."""
 
     def _checkpoint_every(self, trainer) -> list[int]:
         every = []

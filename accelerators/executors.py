@@ -12,9 +12,15 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 
-from accelerators import private
-from accelerators.data import Stream, cerebras_eval_factory, cerebras_train_loader, cluster_args, eval_batches
-from accelerators.errors import CerebrasClusterError, CerebrasError, import_cstorch
+from gigagpt.accelerators import private
+from gigagpt.accelerators.bridge_errors import CerebrasClusterError, CerebrasError, import_cstorch
+from gigagpt.accelerators.data import (
+    Stream,
+    cerebras_eval_factory,
+    cerebras_train_loader,
+    cluster_args,
+    eval_batches,
+)
 
 
 def steps_until_validation(trainer, start: int, stream_length: int) -> int:
@@ -41,7 +47,7 @@ def steps_until_validation(trainer, start: int, stream_length: int) -> int:
 
 
 class ExecutorsMixin:
-    """Training and evaluation executors of :class:`~accelerators.strategy.CerebrasStrategy`."""
+    """Training and evaluation executors of :class:`~gigagpt.accelerators.strategy.CerebrasStrategy`."""
 
     def process_dataloader(self, dataloader):
         trainer = self.lightning_module.trainer

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from accelerators import private
+from gigagpt.accelerators import private
 
 
 @contextmanager

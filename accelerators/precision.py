@@ -33,7 +33,7 @@ class CerebrasPrecision(Precision):
         """CS-X always runs mixed precision, with float16 as its default half type
         (``cstorch.amp.set_half_dtype``); "32-true" there would silently mean float16 without loss scaling."""
         if backend_type == "CSX" and self.precision != "bf16-mixed":
-            from accelerators.errors import CerebrasError
+            from gigagpt.accelerators.bridge_errors import CerebrasError
 
             raise CerebrasError(
                 f'precision "{self.precision}" on a Cerebras cluster would run float16 without loss scaling '

@@ -14,8 +14,8 @@ from __future__ import annotations
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.strategies import StrategyRegistry
 
-from accelerators.cerebras import CerebrasAccelerator
-from accelerators.strategy import CerebrasStrategy
+from gigagpt.accelerators.cerebras import CerebrasAccelerator
+from gigagpt.accelerators.strategy import CerebrasStrategy
 
 
 def register() -> None:

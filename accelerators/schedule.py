@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from accelerators.errors import import_cstorch
+from gigagpt.accelerators.bridge_errors import import_cstorch
 
 
 def cstorch_lr_scheduler(optimizer, optim, max_steps: int | None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from accelerators.errors import import_cstorch
+from gigagpt.accelerators.bridge_errors import import_cstorch
 
 BACKENDS = ("CSX", "CPU", "GPU")
 

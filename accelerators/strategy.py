@@ -5,12 +5,12 @@ What happens where (one concern a file):
 - here: the Lightning wiring — backend set-up, building the network under the backend's device,
   ``cstorch.compile``, and the traced steps: Lightning's whole optimizer step (training_step,
   zero_grad, backward, clipping, optimizer step, scheduler step) in one ``cstorch.trace``.
-- :mod:`accelerators.executors`: one ``DataExecutor`` per stretch of training between Lightning's
+- :mod:`gigagpt.accelerators.executors`: one ``DataExecutor`` per stretch of training between Lightning's
   validations, never closed before its last step; evaluation executors.
-- :mod:`accelerators.capture`: logs and metric updates leave the device by repeating step closures
+- :mod:`gigagpt.accelerators.capture`: logs and metric updates leave the device by repeating step closures
   that know their true step.
-- :mod:`accelerators.checkpointing`: no-argument checkpoint closures, queued saves, the final step.
-- :mod:`accelerators.schedule`: cstorch's AdamW and schedule; :mod:`accelerators.data`: input
+- :mod:`gigagpt.accelerators.checkpointing`: no-argument checkpoint closures, queued saves, the final step.
+- :mod:`gigagpt.accelerators.schedule`: cstorch's AdamW and schedule; :mod:`gigagpt.accelerators.data`: input
   functions of the cluster's workers.
 
 On CSX the traced body runs on the first step of each executor only; later steps replay the
@@ -30,17 +30,17 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 
-from accelerators import private
-from accelerators.capture import CaptureMixin
-from accelerators.cerebras import CerebrasAccelerator
-from accelerators.checkpoint_io import CerebrasCheckpointIO
-from accelerators.checkpointing import CheckpointsMixin
-from accelerators.errors import CerebrasError, import_cstorch
-from accelerators.executors import ExecutorsMixin, cluster_guard
-from accelerators.fastpath import eager_fast_path
-from accelerators.precision import CerebrasPrecision
-from accelerators.schedule import build_cstorch_optimizer
-from accelerators.settings import BACKENDS, ClusterSettings, apply_csx_settings
+from gigagpt.accelerators import private
+from gigagpt.accelerators.bridge_errors import CerebrasError, import_cstorch
+from gigagpt.accelerators.capture import CaptureMixin
+from gigagpt.accelerators.cerebras import CerebrasAccelerator
+from gigagpt.accelerators.checkpoint_io import CerebrasCheckpointIO
+from gigagpt.accelerators.checkpointing import CheckpointsMixin
+from gigagpt.accelerators.executors import ExecutorsMixin, cluster_guard
+from gigagpt.accelerators.fastpath import eager_fast_path
+from gigagpt.accelerators.precision import CerebrasPrecision
+from gigagpt.accelerators.schedule import build_cstorch_optimizer
+from gigagpt.accelerators.settings import BACKENDS, ClusterSettings, apply_csx_settings
 
 
 class CerebrasStrategy(CaptureMixin, CheckpointsMixin, ExecutorsMixin, Strategy):

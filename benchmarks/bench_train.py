@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from callbacks.throughput import device_name_of, flops_per_token, peak_flops
+from gigagpt.callbacks.throughput import device_name_of, flops_per_token, peak_flops
 from gigagpt.data import build_train_loader, read_meta
 from gigagpt.model import GPT, GPTConfig
 from gigagpt.optim import OptimConfig, build_torch_optimizer
@@ -116,7 +116,7 @@ def train_step(model, optimizer, scheduler, x, y, precision: str, device: torch.
 
 def run_raw(config, args, precision, compile_, data, device) -> Result:
     """The plain PyTorch loop: what Lightning's automatic optimization does, written out."""
-    from gigagpt.speed import compile_blocks
+    from gigagpt.parallelize import compile_blocks
 
     total = args.warmup + args.steps
     torch.manual_seed(args.seed)
@@ -150,7 +150,7 @@ def run_lightning(config, args, precision, compile_, data, device, bar: bool = F
     """``Trainer.fit`` on GPTModule + GPTDataModule, timed from step ``warmup`` to the end."""
     import lightning as L
 
-    from callbacks import ThrottledRichProgressBar
+    from gigagpt.callbacks import ThrottledRichProgressBar
     from gigagpt.data import GPTDataModule
     from gigagpt.module import GPTModule
 

@@ -108,7 +108,7 @@ if cuda:
     # Host synchronisations during Lightning training steps (tiny model), with and without a bar.
     import tempfile, numpy as np, json, os
     from gigagpt.module import GPTModule
-    from callbacks import ThrottledRichProgressBar  # the progress bar gigagpt's CLI uses
+    from gigagpt.callbacks import ThrottledRichProgressBar  # the progress bar gigagpt's CLI uses
     tmp = tempfile.mkdtemp()
     np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint16).tofile(f"{tmp}/train.bin")
     np.random.default_rng(1).integers(0, 256, 20_000, dtype=np.uint16).tofile(f"{tmp}/val.bin")

@@ -30,7 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from bench_train import add_shape_args, shape_config, sync, train_step
 
-from callbacks.throughput import device_name_of, flops_per_token, peak_flops
+from gigagpt.callbacks.throughput import device_name_of, flops_per_token, peak_flops
 from gigagpt.model import GPT
 from gigagpt.optim import OptimConfig, build_torch_optimizer
 
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     if args.precision == "bf16-true":
         model.to(torch.bfloat16)
     if args.compile:
-        from gigagpt.speed import compile_blocks
+        from gigagpt.parallelize import compile_blocks
 
         compile_blocks(model)
     optimizer, scheduler = build_torch_optimizer(model, OptimConfig(warmup_steps=2), args.warmup + args.steps)

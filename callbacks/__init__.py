@@ -1,10 +1,14 @@
 """Lightning callbacks that gigagpt adds."""
 
-from callbacks.guard import NonFiniteGuard, NonFiniteLossError
-from callbacks.progress import ThrottledRichProgressBar
-from callbacks.rng import StepSeed
-from callbacks.samples import TextSamples
-from callbacks.throughput import ThroughputMFU, flops_per_token, peak_flops
+if __name__ != "gigagpt.callbacks":  # the repository's folder reached as a top-level package: a second copy
+    raise ImportError(f"this package installs as gigagpt.callbacks; import that, not {__name__}")
+
+
+from gigagpt.callbacks.guard import NonFiniteGuard, NonFiniteLossError
+from gigagpt.callbacks.progress import ThrottledRichProgressBar
+from gigagpt.callbacks.rng import StepSeed
+from gigagpt.callbacks.samples import TextSamples
+from gigagpt.callbacks.throughput import ThroughputMFU, flops_per_token, peak_flops
 
 __all__ = ["NonFiniteGuard", "NonFiniteLossError", "StepSeed", "TextSamples", "ThrottledRichProgressBar",
            "ThroughputMFU", "flops_per_token", "peak_flops"]

@@ -8,10 +8,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from gigagpt.errors import GigagptError
+
 _READABLE_DEVICES = ("cpu", "cuda", "mps")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(GigagptError, RuntimeError):
     """Training produced a NaN or infinite loss or gradient."""
 
 

@@ -43,14 +43,12 @@ PEAK_FLOPS_ENV = "GIGAGPT_PEAK_FLOPS"
 
 def matmul_params(config: GPTConfig) -> int:
     """Parameters that take part in a matrix multiply: all but the position embeddings."""
-    return config.num_params() - config.max_position_embeddings * config.width
+    return config.matmul_params()
 
 
 def flops_per_token(config: GPTConfig, sequence_length: int) -> float:
     """Training FLOPs (forward + backward) per token: ``6 N + 12 depth width T`` (see module doc)."""
-    if not isinstance(sequence_length, int) or sequence_length <= 0:
-        raise ValueError(f"sequence_length must be a positive integer, got {sequence_length!r}")
-    return float(6 * matmul_params(config) + 12 * config.depth * config.width * sequence_length)
+    return config.flops_per_token(sequence_length)
 
 
 def flops_per_step(config: GPTConfig, sequence_length: int, tokens: int) -> float:

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,10 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
-from gigagpt.errors import ConfigError
+from gigagpt import hf
+from gigagpt.errors import ConfigError, ConversionError
 from gigagpt.model import GPT, GPTConfig
+from gigagpt.run_folder import peek_checkpoint
 
 TMP_SUFFIX = ".tmp"
 
@@ -78,19 +81,26 @@ def remove_stale_temps(path: str | os.PathLike) -> None:
             stale.unlink(missing_ok=True)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None], *,
+                 by_name: bool = False) -> Path:
     """Write ``path`` through ``write(file)`` into a temporary file, fsync, then rename over ``path``.
 
-    Readers see the old file or the complete new one. A crash leaves at most a hidden
-    ``.<name>.<pid>.tmp`` beside it, which the next successful write of the same name removes.
+    The one writer of every file gigagpt produces (checkpoints, exports, plots; the dataset folder
+    swaps whole folders its own way). Readers see the old file or the complete new one. A crash
+    leaves at most a hidden ``.<name>.<pid>.tmp`` beside it, which the next successful write of the
+    same name removes. ``by_name=True`` calls ``write(temp_path)`` instead, for writers that open
+    the file themselves (``cstorch.save``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
+        if by_name:
+            write(tmp)
+        with open(tmp, "r+b" if by_name else "wb") as f:
+            if not by_name:
+                write(f)
+                f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -185,6 +195,83 @@ def _unsupported(err: BaseException) -> str:
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself (a file, or a Hugging Face folder), or the newest "last" checkpoint under a run folder.
+
+    "Last" checkpoints are ``last.ckpt`` / ``last.mdl`` and the ``last-vN`` copies that Lightning's
+    ModelCheckpoint writes beside an existing one when a fresh run (``--resume never``) reuses its
+    folder; the newest by modification time wins (ties: the highest ``N``, plain ``last`` counting as
+    0). Without any, the newest ``*.ckpt`` / ``*.mdl``.
+    """
+    path = Path(path)
+    if path.is_file() or (path.is_dir() and (path / "config.json").is_file()):
+        return path
+    if path.is_dir():
+        found = [p for p in path.rglob("*") if p.suffix in (".ckpt", ".mdl") and p.is_file()]
+        last = []
+        for candidate in found:
+            match = re.fullmatch(r"last(?:-v(\d+))?", candidate.stem)
+            if match:
+                last.append((candidate.stat().st_mtime_ns, int(match.group(1) or 0), str(candidate), candidate))
+        if last:
+            return max(last)[-1]
+        if found:
+            return max(found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
+        raise FileNotFoundError(f"no .ckpt or .mdl file under {str(path)!r}; pass a checkpoint file")
+    raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+
+
+def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        path = str(path)
+        if not get_filesystem(path).exists(path):
+            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        if weights_only is None:
+            weights_only = self.weights_only
+        return safe_load(path, map_location=map_location or "cpu", weights_only=weights_only)
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+    """Any checkpoint file gigagpt reads, as tensors and plain data only, with clear errors.
+
+    The one loading function of every command (``fit --ckpt_path`` and auto-resume, ``validate``,
+    ``sample``, ``export``, conversion): ``torch.save`` files (``.ckpt``, ``.pt``, a Hugging Face
+    ``pytorch_model.bin``) through ``torch.load(weights_only=True)``, cstorch's HDF5 ``.mdl`` files
+    (whatever their name) through :func:`gigagpt.mdl.read_mdl`. No code from the file runs.
+    """
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {str(path)!r} is empty (a write was interrupted); use an earlier checkpoint")
+    from gigagpt.mdl import is_hdf5, read_mdl
+
+    if is_hdf5(path):
+        ckpt = read_mdl(path)
+        if map_location not in (None, "cpu"):
+            ckpt = torch.utils._pytree.tree_map(
+                lambda v: v.to(map_location) if isinstance(v, torch.Tensor) else v, ckpt)
+        return ckpt
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        if not weights_only:
+            raise
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} holds objects other than tensors and plain data, so it is not "
+            f"loaded (weights_only=True{_unsupported(err)}); if you trust the file, load it with "
+            "AtomicCheckpointIO(weights_only=False)"
+        ) from None
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is unreadable ({err}); it may be truncated or not a "
+            "checkpoint. Use an earlier checkpoint"
+        ) from None
+
+
+def _unsupported(err: BaseException) -> str:
+    """What torch's refusal names (e.g. ``GLOBAL builtins.open``), without its multi-line advice."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return f"; it names {found.group(1)}" if found else ""
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
     """``path`` itself, or the newest "last" checkpoint under a run folder.
 
     "Last" checkpoints are ``last.ckpt`` and the ``last-vN.ckpt`` that Lightning's ModelCheckpoint
@@ -220,89 +307,6 @@ def model_state_dict(state_dict: dict, prefix: str = "model.") -> dict:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-# The GPTConfig fields that fix tensor shapes; the others (dropout, activation, vocab padding,
-# init) may change when a run is resumed.
-SHAPE_FIELDS = ("vocab_size", "max_position_embeddings", "depth", "width", "heads", "bias")
-
-
-def peek_checkpoint(path: str | os.PathLike) -> dict | None:
-    """A ``.ckpt``'s dictionary with its tensors memory-mapped, not read: cheap at any model size.
-    ``None`` for what is not a zip checkpoint (Lightning's own loading reports those)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
-    return ckpt if isinstance(ckpt, dict) else None
-
-
-def checkpoint_info(path: str | os.PathLike) -> dict | None:
-    """``{"step", "hdf5", "cstorch_optimizer"}`` for a complete Lightning checkpoint that loads; ``None``
-    for a truncated, foreign or (HDF5 without h5py) unverifiable file. Reads headers only."""
-    from gigagpt.mdl import is_hdf5, mdl_global_step
-
-    path = Path(path)
-    try:
-        hdf5 = is_hdf5(path)
-    except OSError:
-        return None
-    if hdf5:
-        step = mdl_global_step(path)
-        return None if step is None else {"step": step, "hdf5": True, "cstorch_optimizer": True}
-    ckpt = peek_checkpoint(path)
-    if not ckpt or "state_dict" not in ckpt or not isinstance(ckpt.get("global_step"), int):
-        return None
-    return {"step": ckpt["global_step"], "hdf5": False, "cstorch_optimizer": cstorch_optimizer_state(ckpt)}
-
-
-def run_checkpoints(folder: str | os.PathLike) -> list[Path]:
-    """The checkpoint files (``*.ckpt``, ``*.mdl``; not hidden temporary files) directly in ``folder``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir()
-                  if p.suffix in (".ckpt", ".mdl") and not p.name.startswith(".") and p.is_file())
-
-
-def newest_complete_checkpoint(folders: list[Path]) -> tuple[Path | None, dict | None, list[Path]]:
-    """The checkpoint of the highest step that is complete and loads (``last`` and step checkpoints
-    alike; the newer file on a tie), its :func:`checkpoint_info`, and the files passed over as broken."""
-    best, broken = None, []
-    for folder in folders:
-        for path in run_checkpoints(folder):
-            info = checkpoint_info(path)
-            if info is None:
-                broken.append(path)
-                continue
-            key = (info["step"], path.stat().st_mtime_ns)
-            if best is None or key > best[0]:
-                best = (key, path, info)
-    return (best[1], best[2], broken) if best else (None, None, broken)
-
-
-def saved_model_config(ckpt: dict | None) -> dict | None:
-    """The ``GPTConfig`` fields a GPTModule checkpoint (from :func:`peek_checkpoint`) was trained with."""
-    saved = ((ckpt or {}).get("hyper_parameters") or {}).get("config")
-    return saved if isinstance(saved, dict) else None
-
-
-def cstorch_optimizer_state(ckpt: dict | None) -> bool:
-    """Whether the checkpoint's optimizer state is cstorch's Adam layout (a converted ``.mdl``:
-    ``beta1_power`` per parameter where torch's AdamW keeps ``step``)."""
-    states = (ckpt or {}).get("optimizer_states") or []
-    return any("beta1_power" in entry for state in states if isinstance(state, dict)
-               for entry in (state.get("state") or {}).values() if isinstance(entry, dict))
-
-
-def shape_differences(path: str | os.PathLike, config: GPTConfig) -> list[str]:
-    """``field: checkpoint value -> config value`` for every shape setting that differs."""
-    saved = saved_model_config(peek_checkpoint(path))
-    if saved is None:
-        return []
-    current = config.to_dict()
-    return [f"{name} {saved[name]} -> {current[name]}" for name in SHAPE_FIELDS
-            if name in saved and saved[name] != current[name]]
-
-
 def training_tokenizer_file(path: str | os.PathLike) -> str | None:
     """The local tokenizer ranks file the checkpoint's training data was prepared with, if it
     still exists (from the DataModule's ``path`` and that folder's ``meta.json``)."""
@@ -336,17 +340,105 @@ def check_shapes(model: torch.nn.Module, state_dict: dict, source: str = "checkp
         )
 
 
-def load_gpt(path: str | os.PathLike, map_location="cpu") -> GPT:
-    """A :class:`GPT` rebuilt from a Lightning checkpoint's hyperparameters and weights."""
-    ckpt = load_checkpoint(path, map_location)
+# -- Hugging Face folders -----------------------------------------------------------------------------
+def save_hf(model: GPT, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder; give a folder for the Hugging Face model")
+    for name, data in hf.hf_files(model, dtype).items():
+        atomic_write(out_dir / name, lambda f, data=data: f.write(data))
+    return out_dir
+
+
+def read_hf_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an HF model folder: safetensors (single or sharded) or ``pytorch_model.bin``."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file() or index.is_file():
+        st = hf.need_safetensors()
+        files = ([folder / "model.safetensors"] if not index.is_file() else
+                 [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))])
+        out = {}
+        for f in files:
+            out.update(st.load_file(str(f)))
+        return out
+    if (folder / "pytorch_model.bin").is_file():
+        return safe_load(folder / "pytorch_model.bin")
+    raise FileNotFoundError(
+        f"{folder} has a config.json but no model.safetensors, model.safetensors.index.json or "
+        "pytorch_model.bin; download the weights next to config.json"
+    )
+
+
+def _load_hf(folder: Path, map_location) -> GPT:
     try:
-        config = GPTConfig.from_dict(ckpt["hyper_parameters"]["config"])
-    except KeyError:
-        raise ValueError(f"{path} has no gigagpt hyperparameters; was it written by GPTModule?") from None
+        hf_config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{folder / 'config.json'} is not valid JSON: {err}") from None
+    config = hf.from_hf_config(hf_config)
+    weights = hf.from_hf_state_dict(read_hf_weights(folder), config)
+    return build_gpt(config, weights, source=f"Hugging Face model {folder}", map_location=map_location)
+
+
+# -- a GPT from any file ------------------------------------------------------------------------------
+def build_gpt(config: GPTConfig, state_dict: dict, source: str = "checkpoint", map_location="cpu") -> GPT:
+    """A :class:`GPT` holding ``state_dict`` (checked key by key), head re-tied, in eval mode."""
+    state_dict = dict(state_dict)
+    state_dict.setdefault("lm_head.weight", state_dict.get("wte.weight"))
     with torch.device("meta"):
         model = GPT(config)
-    weights = model_state_dict(ckpt["state_dict"])
-    check_shapes(model, weights)
-    model.load_state_dict(weights, assign=True)
+    check_shapes(model, state_dict, source)
+    model.load_state_dict(state_dict, assign=True)
     model.lm_head.weight = model.wte.weight  # re-tie after assign
     return model.to(map_location).eval()
+
+
+def load_model(path: str | os.PathLike, map_location="cpu") -> GPT:
+    """A :class:`GPT` from any file gigagpt reads: a Lightning ``.ckpt`` (or a run folder), a
+    Cerebras ``.mdl`` (data only; needs h5py, not cerebras-pytorch) or a Hugging Face folder."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_hf(path, map_location)
+    from gigagpt.mdl import is_hdf5
+
+    path = find_checkpoint(path)
+    if is_hdf5(path):  # by content: Cerebras runs may write HDF5 under .ckpt names
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise ConversionError(f"{path} does not hold a Lightning checkpoint (no state_dict)")
+    else:
+        try:
+            ckpt = load_checkpoint(path, "cpu")
+        except (RuntimeError, ValueError, EOFError, OSError, AttributeError) as err:
+            # torch reports truncated and foreign files cryptically
+            raise ConversionError(
+                f"cannot read {path} as a Lightning checkpoint ({type(err).__name__}: {err}); "
+                "give a .ckpt written by `gigagpt fit`, a Cerebras .mdl, or a Hugging Face folder"
+            ) from None
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "config" not in hparams:
+        raise ConversionError(
+            f"{path} has no gigagpt hyperparameters (hyper_parameters.config); was it written by GPTModule?"
+        )
+    config = GPTConfig.from_dict(hparams["config"])
+    return build_gpt(config, model_state_dict(ckpt["state_dict"]), source=str(path), map_location=map_location)
+
+
+def lightning_checkpoint(model: GPT) -> dict:
+    """A checkpoint dict that ``GPTModule.load_from_checkpoint`` and ``gigagpt sample`` read."""
+    import lightning
+
+    from gigagpt.optim import OptimConfig
+
+    return {
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": {"config": asdict(model.config), "optim": asdict(OptimConfig()), "compile": False},
+        "pytorch-lightning_version": lightning.__version__,
+        "epoch": 0,
+        "global_step": 0,
+    }
+
+
+def save_lightning_checkpoint(model: GPT, path: str | os.PathLike) -> Path:
+    return atomic_save(lightning_checkpoint(model), path)

@@ -1,8 +1,8 @@
-"""The ``gigagpt`` command.
+"""The training half of the ``gigagpt`` command (:mod:`gigagpt.commands` dispatches to it).
 
-``gigagpt fit|validate|test|predict --config configs/tiny.yaml`` is a LightningCLI over
-:class:`GPTModule` and :class:`GPTDataModule`; ``gigagpt prepare|sample|export|plot`` are plain
-commands beside it.
+``gigagpt fit|validate|test --config configs/tiny.yaml`` is a LightningCLI over
+:class:`GPTModule` and :class:`GPTDataModule`, composed here with the Cerebras bridge
+(:mod:`gigagpt.accelerators`, which registers the ``cerebras`` names) and gigagpt's callbacks.
 """
 
 from __future__ import annotations
@@ -21,31 +21,35 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from accelerators.errors import CerebrasError
-from callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRichProgressBar, ThroughputMFU
-from gigagpt.checkpoint import (
-    SHAPE_FIELDS,
-    AtomicCheckpointIO,
+from gigagpt.accelerators.bridge_errors import CerebrasError
+from gigagpt.callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRichProgressBar, ThroughputMFU
+from gigagpt.checkpoint import AtomicCheckpointIO
+from gigagpt.data import DataConfigError, GPTDataModule
+from gigagpt.errors import ConfigError
+from gigagpt.model import SHAPE_FIELDS, GPTConfig
+from gigagpt.module import GPTModule
+from gigagpt.run_folder import (
+    RunLock,
     cstorch_optimizer_state,
     newest_complete_checkpoint,
     peek_checkpoint,
+    preflight,
     saved_model_config,
     shape_differences,
 )
-from gigagpt.commands import EXTRA_COMMANDS, run_extra
-from gigagpt.data import DataConfigError, GPTDataModule
-from gigagpt.errors import ConfigError
 from gigagpt.machine import apply_cpu_precision
-from gigagpt.model import GPTConfig
-from gigagpt.module import GPTModule
-from gigagpt.run_folder import RunLock, preflight
 
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+TRAINER_COMMANDS = ("fit", "validate", "test")
 MAX_SEED = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything and data.seed feed
 
 
 class GigaCLI(LightningCLI):
     """LightningCLI with checkpointing and a rich progress bar wired in by default."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, without ``predict``: GPTModule has no predict step (``gigagpt sample`` generates)."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in TRAINER_COMMANDS}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -239,46 +243,46 @@ def _overwrite_own_names(trainer) -> None:
             callback._enable_version_counter = False
 
 
+def _local_folders(objects, attribute: str) -> list[Path]:
+    """The distinct local paths (no ``scheme://``) in ``attribute`` of ``objects``, where set."""
+    found = []
+    for obj in objects:
+        folder = getattr(obj, attribute, None)
+        if folder and "://" not in str(folder) and Path(folder) not in found:
+            found.append(Path(folder))
+    return found
+
+
 def checkpoint_dirs(trainer) -> list[Path]:
     """The ``dirpath`` of each of the trainer's ModelCheckpoint callbacks (where it is set)."""
-    found = []
-    for callback in trainer.checkpoint_callbacks:
-        dirpath = getattr(callback, "dirpath", None)
-        if dirpath and "://" not in str(dirpath) and Path(dirpath) not in found:
-            found.append(Path(dirpath))
-    return found
+    return _local_folders(trainer.checkpoint_callbacks, "dirpath")
 
 
 def log_dirs(trainer) -> list[Path]:
     """The local folders the trainer's loggers write under."""
-    found = []
-    for logger in trainer.loggers:
-        save_dir = getattr(logger, "save_dir", None)
-        if save_dir and "://" not in str(save_dir) and Path(save_dir) not in found:
-            found.append(Path(save_dir))
-    return found
+    return _local_folders(trainer.loggers, "save_dir")
 
 
-def cli_main(argv: list[str] | None = None, run: bool = True) -> GigaCLI | None:
-    """The LightningCLI (``fit|validate|test|predict``); ``argv=None`` reads ``sys.argv``."""
+def cli_main(argv: list[str] | None = None, run: bool = True,
+             other_commands: tuple[str, ...] = ()) -> GigaCLI | None:
+    """The LightningCLI (``fit|validate|test``); ``argv=None`` reads ``sys.argv``.
+    ``other_commands``: the dispatcher's plain commands, named in ``--help``."""
     args = argv
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        run_extra(argv[0], argv[1:])
-        return None
     try:
         return GigaCLI(
             GPTModule,
             GPTDataModule,
             args=args,
             run=run,
+            auto_configure_optimizers=False,  # the optimizer and schedule are model.optim (OptimConfig)
             trainer_defaults={"callbacks": [ThrottledRichProgressBar()]},
             parser_kwargs={
                 # a wrong argument is one line (cli_main), the usage only on --help
                 "exit_on_error": False,
                 "prog": "gigagpt",
-                "description": "Train GPT models with Lightning. Other commands: "
-                "gigagpt prepare | sample | export | plot (each with --help).",
+                "description": "Train GPT models with Lightning."
+                + (f" Other commands: gigagpt {' | '.join(other_commands)} (each with --help)." if other_commands else ""),
             },
             save_config_kwargs={"overwrite": True},
         )
@@ -371,13 +375,3 @@ def _config_error(err: BaseException | None) -> ConfigError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
-
-
-def main() -> None:
-    from gigagpt.commands import main as dispatch
-
-    dispatch()
-
-
-if __name__ == "__main__":
-    main()

@@ -20,8 +20,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gigagpt.model import GPT
 
-# Attention kernels for decoding. cuDNN's is left out: it builds a new plan for every new key
-# length, which made each bfloat16 token on an H200 cost ~40 ms instead of ~3 ms.
+# Attention kernels for decoding. cuDNN's is left out: it builds a new execution plan for every new
+# key length, and decoding grows the key length by one each token, so every step would pay for a
+# plan (benchmarks/RESULTS.md, generation).
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 #: Marks a row that produced no new token at a step (still reading its prompt, or finished).

@@ -101,11 +101,35 @@ class GPTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def meta_model(self) -> GPT:
+        """This architecture built on the meta device: shapes only, no memory, at any size."""
+        with torch.device("meta"):
+            return GPT(self)
+
     def num_params(self) -> int:
-        """Parameters with the head tied: V*W + P*W + depth*(12*W^2 + 13*W) + 2*W (with bias)."""
-        v, p, w, d = self.vocab_size, self.max_position_embeddings, self.width, self.depth
-        per_block = 12 * w * w + (13 * w if self.bias else 2 * w)
-        return v * w + p * w + d * per_block + (2 * w if self.bias else w)
+        """Parameters with the head tied, counted on :meth:`meta_model` (no second formula)."""
+        return self.meta_model().num_params()
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matrix multiply (:meth:`GPT.matmul_params`)."""
+        return self.meta_model().matmul_params()
+
+    def flops_per_token(self, sequence_length: int) -> float:
+        """Training FLOPs (forward + backward) per token: ``6 N + 12 depth width T``.
+
+        PaLM's estimate (Chowdhery et al. 2022, appendix B; nanoGPT and litgpt use it): ``N`` is
+        :meth:`matmul_params`, 6 = 2 (multiply + add) x 3 (forward, two backward products), and
+        ``12 depth width T`` is attention's ``Q K^T`` and ``A V`` over the full ``T x T`` score matrix
+        (the convention of published MFU figures, though causal masking zeroes half of it).
+        """
+        if not isinstance(sequence_length, int) or sequence_length <= 0:
+            raise ValueError(f"sequence_length must be a positive integer, got {sequence_length!r}")
+        return float(6 * self.matmul_params() + 12 * self.depth * self.width * sequence_length)
+
+
+# The GPTConfig fields that fix tensor shapes; the others (dropout, activation, vocab padding,
+# init) may change when a run is resumed.
+SHAPE_FIELDS = ("vocab_size", "max_position_embeddings", "depth", "width", "heads", "bias")
 
 
 # The named sizes of REFERENCE.md (sequence length 2048, GPT-2 vocabulary) and a CPU-sized one.
@@ -260,7 +284,7 @@ class GPT(nn.Module):
         fan_in-proportional hidden init with the base-width constant kept.
 
         ``part`` (a submodule, e.g. one block) initialises only that piece, for building a model
-        one piece at a time from the meta device (see :func:`gigagpt.speed.build_for_fsdp`).
+        one piece at a time from the meta device (:meth:`materialise`).
         """
         std = self.config.init_std
         hidden_std = std / math.sqrt(self.config.width_mult)
@@ -276,6 +300,24 @@ class GPT(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
 
+    @torch.no_grad()
+    def materialise(self, device: torch.device, prepare_block=lambda block: block) -> None:
+        """Allocate and initialise a model built on the meta device one piece at a time, in the order
+        :meth:`init_weights` uses (so the weights equal those it gives the whole model from the same
+        random state); each block goes through ``prepare_block`` (compile, shard) as soon as it exists."""
+        for child in self.children():
+            if child is self.blocks:
+                for i, block in enumerate(self.blocks):
+                    block.to_empty(device=device)
+                    self.init_weights(block)
+                    self.blocks[i] = prepare_block(block)
+            elif child is self.lm_head:  # tied: share the materialised embedding, initialised as init_weights does
+                self.lm_head.weight = self.wte.weight
+                self.init_weights(child)
+            else:
+                child.to_empty(device=device)
+                self.init_weights(child)
+
     def output_multiplier(self) -> float:
         """μP's logit multiplier ``mup_output_multiplier / width_mult``.
 
@@ -288,6 +330,11 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         """Unique parameters (the tied head counted once)."""
         return sum(p.numel() for p in self.parameters())
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matrix multiply: all but the position embeddings (a lookup).
+        The token embedding counts once: tied to the head, it is multiplied there."""
+        return self.num_params() - self.wpe.weight.numel()
 
     def forward(
         self,

@@ -14,6 +14,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from gigagpt.model import GPT, GPTConfig
 from gigagpt.optim import OptimConfig, build_torch_optimizer
+from gigagpt.parallelize import parallelize, sharding_device
 from gigagpt.tokenizer import training_record
 
 
@@ -57,30 +58,11 @@ class GPTModule(L.LightningModule):
     # -- construction ---------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Build the network here, so strategies can create it on meta or sharded devices."""
-        if self.model is not None:
-            return
-        device = self._fsdp_device()
-        if device is not None:
-            # Each block is sharded as soon as it exists: 13B+ never materialise in full.
-            from gigagpt.speed import build_for_fsdp, check_fsdp_strategy
+        if self.model is None:
+            self.model = parallelize(self.config, self._strategy(), compile=self.compile)
 
-            check_fsdp_strategy(self.trainer.strategy)
-            self.model = build_for_fsdp(self.config, device, compile=self.compile)
-            return
-        self.model = GPT(self.config)
-        if self.compile:
-            from gigagpt.speed import compile_blocks
-
-            compile_blocks(self.model)
-
-    def _fsdp_device(self) -> torch.device | None:
-        """The device to build on when training under Lightning's FSDPStrategy, else ``None``."""
-        if self._trainer is None:
-            return None
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        strategy = self.trainer.strategy
-        return strategy.root_device if isinstance(strategy, FSDPStrategy) else None
+    def _strategy(self):
+        return None if self._trainer is None else self.trainer.strategy
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Clip by global norm under FSDP too, through FSDP's own sharded-norm ``clip_grad_norm_``.
@@ -88,7 +70,7 @@ class GPTModule(L.LightningModule):
         (Lightning's FSDP precision plugin refuses ``gradient_clip_algorithm='norm'``.)
         """
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            if self._fsdp_device() is not None:
+            if sharding_device(self._strategy()) is not None:
                 self.model.clip_grad_norm_(gradient_clip_val)  # the root FSDP module
                 return
         if gradient_clip_val and optimizer.defaults.get("fused"):
@@ -167,7 +149,3 @@ class GPTModule(L.LightningModule):
             self.val_loss.reset()
         self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val")
         self.log(f"{prefix}/ppl", torch.exp(loss.float()))
-
-
-# Registers Trainer(accelerator="cerebras") with Lightning (cstorch loads only when used).
-import accelerators  # noqa: E402,F401

@@ -195,11 +195,10 @@ def plot(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, ti
     _readable_axes(ax_loss, ax_lr, log_y)
     fig.tight_layout()
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, dpi=120, format="png")
+    from gigagpt.checkpoint import atomic_write
+
+    atomic_write(output, lambda f: fig.savefig(f, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, output)
     return output
 
 

@@ -1,5 +1,7 @@
 """A training run's folders: one ``fit`` at a time (an advisory lock) and checks before step 0.
 
+Also which checkpoint of a run resumes it: the newest complete one, read by headers only.
+
 The lock is ``fcntl.flock`` on ``<checkpoint folder>.lock``, which records the holder's pid and
 host. The kernel drops it when the holder's process ends, however it ends (``kill -9``
 included), so a lock file left by a dead run never blocks the next one. A run that ends, well or
@@ -136,3 +138,87 @@ def preflight(checkpoint_dirs: list[Path], log_dirs: list[Path], module, saves: 
                 f"checkpoint.dirpath {str(folder)!r} has {free / 2**20:.0f} MiB free, less than two "
                 f"checkpoints of this model need (about {need / 2**20:.0f} MiB); free space there or choose "
                 "another checkpoint.dirpath")
+
+
+# -- which checkpoint of a run folder resumes -------------------------------------------------------
+def peek_checkpoint(path: str | os.PathLike) -> dict | None:
+    """A ``.ckpt``'s dictionary with its tensors memory-mapped, not read: cheap at any model size.
+    ``None`` for what is not a zip checkpoint (Lightning's own loading reports those)."""
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return ckpt if isinstance(ckpt, dict) else None
+
+
+def checkpoint_info(path: str | os.PathLike) -> dict | None:
+    """``{"step", "hdf5", "cstorch_optimizer"}`` for a complete Lightning checkpoint that loads; ``None``
+    for a truncated, foreign or (HDF5 without h5py) unverifiable file. Reads headers only."""
+    from gigagpt.mdl import is_hdf5, mdl_global_step
+
+    path = Path(path)
+    try:
+        hdf5 = is_hdf5(path)
+    except OSError:
+        return None
+    if hdf5:
+        step = mdl_global_step(path)
+        return None if step is None else {"step": step, "hdf5": True, "cstorch_optimizer": True}
+    ckpt = peek_checkpoint(path)
+    if not ckpt or "state_dict" not in ckpt or not isinstance(ckpt.get("global_step"), int):
+        return None
+    return {"step": ckpt["global_step"], "hdf5": False, "cstorch_optimizer": cstorch_optimizer_state(ckpt)}
+
+
+def run_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The checkpoint files (``*.ckpt``, ``*.mdl``; not hidden temporary files) directly in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix in (".ckpt", ".mdl") and not p.name.startswith(".") and p.is_file())
+
+
+def newest_complete_checkpoint(folders: list[Path]) -> tuple[Path | None, dict | None, list[Path]]:
+    """The checkpoint of the highest step that is complete and loads (``last`` and step checkpoints
+    alike; the newer file on a tie), its :func:`checkpoint_info`, and the files passed over as broken."""
+    best, broken = None, []
+    for folder in folders:
+        for path in run_checkpoints(folder):
+            info = checkpoint_info(path)
+            if info is None:
+                broken.append(path)
+                continue
+            key = (info["step"], path.stat().st_mtime_ns)
+            if best is None or key > best[0]:
+                best = (key, path, info)
+    return (best[1], best[2], broken) if best else (None, None, broken)
+
+
+def saved_model_config(ckpt: dict | None) -> dict | None:
+    """The ``GPTConfig`` fields a GPTModule checkpoint (from :func:`peek_checkpoint`) was trained with."""
+    saved = ((ckpt or {}).get("hyper_parameters") or {}).get("config")
+    return saved if isinstance(saved, dict) else None
+
+
+def cstorch_optimizer_state(ckpt: dict | None) -> bool:
+    """Whether the checkpoint's optimizer state is cstorch's Adam layout (a converted ``.mdl``:
+    ``beta1_power`` per parameter where torch's AdamW keeps ``step``)."""
+    states = (ckpt or {}).get("optimizer_states") or []
+    return any("beta1_power" in entry for state in states if isinstance(state, dict)
+               for entry in (state.get("state") or {}).values() if isinstance(entry, dict))
+
+
+def shape_differences(path: str | os.PathLike, config) -> list[str]:
+    """``field: checkpoint value -> config value`` for every shape setting (of ``config``, a
+    :class:`~gigagpt.model.GPTConfig`) that differs."""
+    from gigagpt.model import SHAPE_FIELDS
+
+    saved = saved_model_config(peek_checkpoint(path))
+    if saved is None:
+        return []
+    current = config.to_dict()
+    return [f"{name} {saved[name]} -> {current[name]}" for name in SHAPE_FIELDS
+            if name in saved and saved[name] != current[name]]

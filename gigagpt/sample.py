@@ -14,8 +14,8 @@ from typing import TextIO
 
 import torch
 
-from gigagpt.checkpoint import peek_checkpoint, safe_load, training_tokenizer_file
-from gigagpt.convert import is_hf_dir, load_model
+from gigagpt.checkpoint import find_checkpoint, load_model, safe_load, training_tokenizer_file
+from gigagpt.run_folder import peek_checkpoint
 from gigagpt.generate import NO_TOKEN, check_sampling, generate_stream
 from gigagpt.mdl import is_hdf5
 from gigagpt.tokenizer import GPT2_VOCAB, Tokenizer, find_training_tokenizer, get_tokenizer
@@ -74,21 +74,6 @@ def default_tokenizer(vocab_size: int) -> str:
     raise ValueError(
         f"the model's vocabulary of {vocab_size} tokens matches no built-in tokenizer; pass --tokenizer"
     )
-
-
-def model_file(path: str | Path) -> Path:
-    """``path`` itself (a file, or a Hugging Face folder), or a run folder's newest last checkpoint
-    (``last*.ckpt`` / ``last*.mdl``), else its newest ``.ckpt`` / ``.mdl``."""
-    path = Path(path)
-    if path.is_file() or (path.is_dir() and is_hf_dir(path)):
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    found = [p for p in path.rglob("*") if p.suffix in (".ckpt", ".mdl") and p.is_file()]
-    last = [p for p in found if p.stem == "last" or p.stem.startswith("last-v")]
-    if not (last or found):
-        raise FileNotFoundError(f"no .ckpt or .mdl file under {str(path)!r}; pass a checkpoint file")
-    return max(last or found, key=lambda p: (p.stat().st_mtime_ns, str(p)))
 
 
 def training_tokenizer(path: Path) -> Tokenizer | None:
@@ -235,7 +220,7 @@ def main(args: argparse.Namespace) -> list[str] | None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     prompts = collect_prompts(args)
-    path = model_file(args.checkpoint)
+    path = find_checkpoint(args.checkpoint)
     model = load_model(path, map_location="cpu").to(device=device, dtype=dtype)
     # The tokenizer: as given, else the one the checkpoint records (its ranks file found by hash,
     # offline), else the local ranks file the training data was prepared with, else the one the

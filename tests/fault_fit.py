@@ -50,7 +50,7 @@ AtomicCheckpointIO.write = slow_write
 GPTModule.on_train_batch_end = on_train_batch_end
 
 if __name__ == "__main__":
-    from gigagpt.cli import main
+    from gigagpt.commands import main
 
     sys.argv = ["gigagpt", *sys.argv[1:]]
     main()

@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks.rng import StepSeed
+from gigagpt.callbacks.rng import StepSeed
 from gigagpt.checkpoint import AtomicCheckpointIO
 from gigagpt.data import GPTDataModule
 from gigagpt.model import GPTConfig

@@ -24,7 +24,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from gigagpt.convert import save_lightning_checkpoint
+from gigagpt.checkpoint import save_lightning_checkpoint
 from gigagpt.model import GPT, GPTConfig
 
 try:

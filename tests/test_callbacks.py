@@ -12,9 +12,15 @@ import resume_harness as H
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from callbacks import NonFiniteGuard, NonFiniteLossError, StepSeed, TextSamples, ThroughputMFU
-from callbacks.rng import step_seed
-from callbacks.throughput import PEAK_FLOPS_ENV, device_key, flops_per_token, matmul_params, peak_flops
+from gigagpt.callbacks import NonFiniteGuard, NonFiniteLossError, StepSeed, TextSamples, ThroughputMFU
+from gigagpt.callbacks.rng import step_seed
+from gigagpt.callbacks.throughput import (
+    PEAK_FLOPS_ENV,
+    device_key,
+    flops_per_token,
+    matmul_params,
+    peak_flops,
+)
 from gigagpt.model import GPT, GPTConfig
 
 
@@ -136,7 +142,7 @@ def test_throughput_mfu_logs_to_every_logger(builtin_bytes, tmp_path):
 def test_mfu_above_100_percent_is_never_shown(builtin_bytes, tmp_path, monkeypatch):
     """A CPU peak probed while the machine was busy is far too low: the MFU against it would read
     hundreds of percent. Such a value is not shown; one warning says why."""
-    import callbacks.throughput as throughput
+    import gigagpt.callbacks.throughput as throughput
 
     monkeypatch.delenv(PEAK_FLOPS_ENV, raising=False)
     monkeypatch.setenv("GIGAGPT_CACHE_DIR", str(tmp_path / "cache"))
@@ -191,7 +197,7 @@ def test_progress_bar_reads_the_metrics_every_log_interval_only(builtin_bytes, t
     """Each readout of train/loss is a device synchronisation: at log intervals, not every step."""
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from callbacks import ThrottledRichProgressBar
+    from gigagpt.callbacks import ThrottledRichProgressBar
 
     def counting(cls):
         class Counting(cls):
@@ -220,7 +226,7 @@ def test_progress_bar_reads_the_metrics_every_log_interval_only(builtin_bytes, t
 def test_progress_bar_shows_throughput_and_samples_print_on_their_own_lines(builtin_bytes, tmp_path, capsys):
     """tokens/s and MFU sit in the bar beside the loss; a text sample is printed through the bar's
     console (above it), not written behind its line."""
-    from callbacks import ThrottledRichProgressBar
+    from gigagpt.callbacks import ThrottledRichProgressBar
 
     bar = ThrottledRichProgressBar()
     monitor = ThroughputMFU(peak_flops=1e11, window=1)

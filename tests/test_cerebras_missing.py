@@ -22,7 +22,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_trainer_says_how_to_install():
     proc = _run(
         "import lightning as L, gigagpt\n"
-        "from accelerators import CerebrasNotInstalledError\n"
+        "from gigagpt.accelerators import CerebrasNotInstalledError\n"
         "try:\n"
         "    L.Trainer(accelerator='cerebras', logger=False)\n"
         "except CerebrasNotInstalledError as err:\n"
@@ -47,7 +47,7 @@ def test_cli_fails_in_one_line(tmp_path):
 
 
 def test_importing_gigagpt_does_not_import_cstorch():
-    code = ("import sys, gigagpt, accelerators\n"
+    code = ("import sys, gigagpt, gigagpt.accelerators\n"
             "print('LOADED', sorted(m for m in sys.modules if m.startswith('cerebras')))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

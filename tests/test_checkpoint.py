@@ -15,7 +15,7 @@ from gigagpt.checkpoint import (
     AtomicCheckpointIO,
     atomic_save,
     check_shapes,
-    load_gpt,
+    load_model,
     safe_load,
     temp_path_for,
 )
@@ -112,7 +112,7 @@ def test_lightning_checkpoint_loads_weights_only(builtin_bytes, tmp_path):
     H.fit(tmp_path, builtin_bytes, 3)
     ckpt = safe_load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3 and "optimizer_states" in ckpt
-    model = load_gpt(tmp_path / "checkpoints" / "last.ckpt")
+    model = load_model(tmp_path / "checkpoints" / "last.ckpt")
     assert model.config == H.CONFIG
 
 

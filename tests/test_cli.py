@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import ROOT, run_gigagpt
 
-from gigagpt.checkpoint import load_checkpoint, load_gpt
+from gigagpt.checkpoint import load_checkpoint, load_model
 from gigagpt.module import GPTModule
 
 
@@ -56,7 +56,7 @@ def test_checkpoint_rebuilds_the_model(tiny_run):
     ckpt = load_checkpoint(run / "checkpoints" / "last.ckpt")  # weights_only=True
     assert ckpt["hyper_parameters"]["config"]["width"] == 128
     module = GPTModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
-    gpt = load_gpt(run / "checkpoints" / "last.ckpt")
+    gpt = load_model(run / "checkpoints" / "last.ckpt")
     idx = torch.randint(0, 256, (1, 32))
     torch.testing.assert_close(module.model(idx), gpt(idx))
     assert gpt.lm_head.weight is gpt.wte.weight

@@ -8,17 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gigagpt.cli import cli_main
-from gigagpt.convert import (
-    ConversionError,
-    from_hf_config,
-    from_hf_state_dict,
-    lightning_checkpoint,
-    load_model,
-    save_lightning_checkpoint,
-    to_hf_config,
-    to_hf_state_dict,
-)
+from gigagpt.checkpoint import ConversionError, lightning_checkpoint, load_model, save_lightning_checkpoint
+from gigagpt.commands import main as gigagpt_main
+from gigagpt.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_hf_state_dict
 from gigagpt.model import GPT, GPTConfig
 
 ODD = GPTConfig(vocab_size=1000, max_position_embeddings=64, depth=3, width=96, heads=6)
@@ -64,7 +56,7 @@ def test_state_dict_round_trip_is_exact():
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 def test_export_matches_transformers_logits(tmp_path, activation):
     transformers = pytest.importorskip("transformers")
-    from gigagpt.convert import load_hf, save_hf
+    from gigagpt.checkpoint import save_hf
 
     config = replace(ODD, activation=activation)
     model = random_gpt(config)
@@ -77,7 +69,7 @@ def test_export_matches_transformers_logits(tmp_path, activation):
     with torch.no_grad():
         ours, theirs = model(idx), hf(idx).logits
     assert (ours - theirs).abs().max().item() <= 1e-5
-    back = load_hf(tmp_path / "hf")
+    back = load_model(tmp_path / "hf")
     assert back.config == config
     assert_same_state(back.state_dict(), model.state_dict())
 
@@ -85,7 +77,6 @@ def test_export_matches_transformers_logits(tmp_path, activation):
 def test_import_of_a_transformers_gpt2(tmp_path):
     """A GPT-2 written by transformers itself (tanh GELU, as the public checkpoints)."""
     transformers = pytest.importorskip("transformers")
-    from gigagpt.convert import load_hf
 
     hf_config = transformers.GPT2Config(vocab_size=1000, n_positions=64, n_embd=96, n_layer=3, n_head=6)
     torch.manual_seed(3)
@@ -95,7 +86,7 @@ def test_import_of_a_transformers_gpt2(tmp_path):
             if name.endswith("bias"):
                 p.normal_(0.0, 0.1)
     hf.save_pretrained(tmp_path / "hf")
-    ours = load_hf(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf")
     assert ours.config.activation == "gelu_tanh"
     idx = torch.randint(0, 1000, (2, 64), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -104,7 +95,7 @@ def test_import_of_a_transformers_gpt2(tmp_path):
     hf.transformer.save_pretrained(tmp_path / "base")
     cfg = json.loads((tmp_path / "base" / "config.json").read_text())
     assert cfg.get("model_type") == "gpt2"
-    assert_same_state(load_hf(tmp_path / "base").state_dict(), ours.state_dict())
+    assert_same_state(load_model(tmp_path / "base").state_dict(), ours.state_dict())
 
 
 def test_unmappable_models_are_refused():
@@ -144,33 +135,33 @@ def test_export_command_round_trip(tmp_path, capsys):
     pytest.importorskip("safetensors")
     model = random_gpt()
     save_lightning_checkpoint(model, tmp_path / "a.ckpt")
-    cli_main(["export", str(tmp_path / "a.ckpt"), str(tmp_path / "hf")])
+    gigagpt_main(["export", str(tmp_path / "a.ckpt"), str(tmp_path / "hf")])
     assert "GPT2LMHeadModel" in capsys.readouterr().out
     assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "hf").iterdir()}
-    cli_main(["export", str(tmp_path / "hf"), str(tmp_path / "b.ckpt")])
+    gigagpt_main(["export", str(tmp_path / "hf"), str(tmp_path / "b.ckpt")])
     a = torch.load(tmp_path / "a.ckpt", weights_only=True)
     b = torch.load(tmp_path / "b.ckpt", weights_only=True)
     assert_same_state(a["state_dict"], b["state_dict"])
     assert a["hyper_parameters"] == b["hyper_parameters"]
-    cli_main(["export", str(tmp_path / "hf"), str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    gigagpt_main(["export", str(tmp_path / "hf"), str(tmp_path / "bf16"), "--dtype", "bfloat16"])
     assert load_model(tmp_path / "bf16").wte.weight.dtype == torch.bfloat16
     with pytest.raises(SystemExit, match="bias is false"):
         save_lightning_checkpoint(GPT(replace(ODD, bias=False)), tmp_path / "nobias.ckpt")
-        cli_main(["export", str(tmp_path / "nobias.ckpt"), str(tmp_path / "nobias")])
+        gigagpt_main(["export", str(tmp_path / "nobias.ckpt"), str(tmp_path / "nobias")])
     with pytest.raises(SystemExit, match="does not exist"):
-        cli_main(["export", str(tmp_path / "missing.ckpt"), str(tmp_path / "x")])
+        gigagpt_main(["export", str(tmp_path / "missing.ckpt"), str(tmp_path / "x")])
 
 
 def test_mdl_without_cerebras_says_how_to_install(tmp_path):
-    from accelerators.errors import cstorch_available
+    from gigagpt.accelerators.bridge_errors import cstorch_available
 
     if cstorch_available():
         pytest.skip("cerebras-pytorch is installed here")
     (tmp_path / "model.mdl").write_bytes(b"\x89HDF\r\n\x1a\n")
     with pytest.raises(SystemExit, match=r'pip install "gigagpt\[cerebras\]"'):
-        cli_main(["export", str(tmp_path / "model.mdl"), str(tmp_path / "hf")])
+        gigagpt_main(["export", str(tmp_path / "model.mdl"), str(tmp_path / "hf")])
     with pytest.raises(SystemExit, match=r'pip install "gigagpt\[cerebras\]"'):
-        cli_main(["sample", str(tmp_path / "model.mdl"), "--prompt", "x"])
+        gigagpt_main(["sample", str(tmp_path / "model.mdl"), "--prompt", "x"])
 
 
 def test_mdl_checkpoint_loads(tmp_path):
@@ -178,9 +169,9 @@ def test_mdl_checkpoint_loads(tmp_path):
     model = random_gpt(GPTConfig(vocab_size=256, max_position_embeddings=32, depth=2, width=32, heads=2))
     cstorch.save(lightning_checkpoint(model), str(tmp_path / "model.mdl"))
     assert_same_state(load_model(tmp_path / "model.mdl").state_dict(), model.state_dict())
-    cli_main(["export", str(tmp_path / "model.mdl"), str(tmp_path / "back.ckpt")])
+    gigagpt_main(["export", str(tmp_path / "model.mdl"), str(tmp_path / "back.ckpt")])
     assert_same_state(load_model(tmp_path / "back.ckpt").state_dict(), model.state_dict())
-    cli_main(["export", str(tmp_path / "back.ckpt"), str(tmp_path / "again.mdl")])
+    gigagpt_main(["export", str(tmp_path / "back.ckpt"), str(tmp_path / "again.mdl")])
     assert_same_state(load_model(tmp_path / "again.mdl").state_dict(), model.state_dict())
     # A Cerebras run's checkpoint callback may write HDF5 under a .ckpt name: read by content.
     (tmp_path / "again.mdl").rename(tmp_path / "hdf5.ckpt")

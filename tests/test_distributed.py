@@ -35,7 +35,7 @@ def train(data: str, out: str, strategy: str, devices: int, batch_size: int, ste
     from gigagpt.model import Block, GPTConfig
     from gigagpt.module import GPTModule
     from gigagpt.optim import OptimConfig
-    from gigagpt.speed import build_for_fsdp
+    from gigagpt.parallelize import build_for_fsdp
 
     torch.set_num_threads(1)
 
@@ -154,7 +154,7 @@ def test_ddp_two_ranks_match_one_rank_with_same_global_batch(data_dir, single, t
 
 def test_fsdp_two_ranks_match_one_rank(data_dir, single, tmp_path):
 
-    from gigagpt.checkpoint import load_gpt
+    from gigagpt.checkpoint import load_model
 
     result = _run_ranks(data_dir, tmp_path / "fsdp.json", "fsdp", batch_size=2)
     assert result["world_size"] == 2
@@ -162,7 +162,7 @@ def test_fsdp_two_ranks_match_one_rank(data_dir, single, tmp_path):
     # Weight decay still reaches exactly the matrices, though FSDP flattens every parameter.
     assert result["groups"] == single["groups"]
     # The sharded model saved as one ordinary checkpoint holds the weights the single run reached.
-    sharded, plain = load_gpt(tmp_path / "fsdp.json.ckpt"), load_gpt(single["ckpt"])
+    sharded, plain = load_model(tmp_path / "fsdp.json.ckpt"), load_model(single["ckpt"])
     assert sharded.config.vocab_pad_multiple == 100 and sharded.lm_head.weight is sharded.wte.weight
     for (name, a), b in zip(plain.state_dict().items(), sharded.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
@@ -185,7 +185,7 @@ def test_ranks_see_the_global_batch_of_one_rank():
 def test_fsdp_build_matches_init_weights_and_keeps_tie():
     """build_for_fsdp (meta layout, piece-wise materialisation) gives init_weights()'s exact weights."""
     from gigagpt.model import GPT, GPTConfig
-    from gigagpt.speed import build_for_fsdp
+    from gigagpt.parallelize import build_for_fsdp
 
     config = GPTConfig(**CONFIG)
     with torch.device("meta"):

@@ -16,7 +16,7 @@ from gigagpt.cli import GigaCLI
 from gigagpt.data import GPTDataModule
 from gigagpt.model import GPT, Block, GPTConfig
 from gigagpt.module import GPTModule
-from gigagpt.speed import build_for_fsdp, check_fsdp_strategy, compile_available, compile_blocks
+from gigagpt.parallelize import build_for_fsdp, check_fsdp_strategy, compile_available, compile_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ROOT / "configs" / "gpu"

@@ -130,7 +130,7 @@ def test_coordinate_check_flat_under_mup_and_growing_under_the_standard_parametr
 def test_hf_export_of_a_mup_model_folds_the_multipliers(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
-    from gigagpt.convert import load_hf, save_hf
+    from gigagpt.checkpoint import load_model, save_hf
 
     model = mup_gpt(width=64, base=16, mup_output_multiplier=2.0).eval()
     with torch.no_grad():  # trained-looking LayerNorms and biases, not the init's ones and zeros
@@ -140,7 +140,7 @@ def test_hf_export_of_a_mup_model_folds_the_multipliers(tmp_path):
     save_hf(model, tmp_path / "hf")
     idx = torch.randint(0, 64, (2, 12))
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
-    back = load_hf(tmp_path / "hf")
+    back = load_model(tmp_path / "hf")
     assert not back.config.mup
     with torch.no_grad():
         want = model(idx)

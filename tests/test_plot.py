@@ -38,22 +38,22 @@ def test_plot_real_run_including_a_resume(builtin_bytes, tmp_path):
     assert curves.series("val/loss")[0] == [3, 7, 11]
     assert len(curves.series("train/lr")[0]) == 12
 
-    from gigagpt.cli import cli_main
+    from gigagpt.commands import main as gigagpt_main
 
     out = tmp_path / "plots" / "curves.png"
-    cli_main(["plot", str(tmp_path), "--output", str(out)])
+    gigagpt_main(["plot", str(tmp_path), "--output", str(out)])
     width, height = png_size(out)
     assert (width, height) == (1080, 840)
     assert 20_000 < out.stat().st_size < 2_000_000
 
 
 def test_plot_errors(tmp_path, capsys):
-    from gigagpt.cli import cli_main
+    from gigagpt.commands import main as gigagpt_main
 
     with pytest.raises(SystemExit, match="does not exist"):
-        cli_main(["plot", str(tmp_path / "nope")])
+        gigagpt_main(["plot", str(tmp_path / "nope")])
     with pytest.raises(SystemExit, match="no metrics.csv"):
-        cli_main(["plot", str(tmp_path)])
+        gigagpt_main(["plot", str(tmp_path)])
 
 
 def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
@@ -97,9 +97,9 @@ def test_evaluation_only_versions_are_left_out(tmp_path, capsys):
     assert curves.series("val/loss") == ([4, 9], [4.5, 3.5])
     assert curves.series("train/loss")[0] == list(range(10))
 
-    from gigagpt.cli import cli_main
+    from gigagpt.commands import main as gigagpt_main
 
-    cli_main(["plot", str(tmp_path)])
+    gigagpt_main(["plot", str(tmp_path)])
     printed = capsys.readouterr().out
     assert f"from {fit})" in printed
     assert "left out evaluation-only runs" in printed and str(validate) in printed and str(test) in printed
@@ -108,7 +108,7 @@ def test_evaluation_only_versions_are_left_out(tmp_path, capsys):
     only_eval = tmp_path / "eval_only"
     write_version(only_eval, 0, val=[(0, 3.5)])
     with pytest.raises(SystemExit, match="only from evaluation runs"):
-        cli_main(["plot", str(only_eval)])
+        gigagpt_main(["plot", str(only_eval)])
 
 
 def test_resumed_version_replaces_stale_steps(tmp_path):
@@ -147,9 +147,9 @@ def test_training_run_that_logged_only_validation_yet_is_plotted(tmp_path):
     curves = read_curves(tmp_path)
     assert curves.skipped == [] and curves.series("val/loss") == ([1, 3], [5.0, 4.0])
 
-    from gigagpt.cli import cli_main
+    from gigagpt.commands import main as gigagpt_main
 
-    cli_main(["plot", str(tmp_path)])
+    gigagpt_main(["plot", str(tmp_path)])
     assert png_size(tmp_path / "loss.png") == (1080, 840)
 
 

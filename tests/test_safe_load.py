@@ -11,8 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, run_gigagpt
 
-from gigagpt.checkpoint import safe_load
-from gigagpt.convert import load_model
+from gigagpt.checkpoint import load_model, safe_load
 
 TINY = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--model.config.depth", "1", "--model.config.width", "32",
         "--model.config.heads", "2", "--data.sequence_length", "32", "--data.batch_size", "2",

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from gigagpt.checkpoint import load_model
 from gigagpt.cli import cli_main
-from gigagpt.convert import load_model
+from gigagpt.commands import main as gigagpt_main
 from gigagpt.data import WindowDataset
 from gigagpt.generate import generate
 from gigagpt.tokenizer import bytes_tokenizer
@@ -68,7 +69,7 @@ def trained(builtin_bytes, tmp_path_factory) -> Path:
 
 
 def sample(capsys, *args: str) -> tuple[str, str]:
-    cli_main(["sample", *map(str, args)])
+    gigagpt_main(["sample", *map(str, args)])
     captured = capsys.readouterr()
     return captured.out, captured.err
 
@@ -105,7 +106,7 @@ def test_seeded_sampling_is_reproducible(trained, capsys):
 
 def test_hf_folder_samples_like_the_checkpoint(trained, tmp_path, capsys):
     pytest.importorskip("safetensors")
-    cli_main(["export", str(trained), str(tmp_path / "hf")])
+    gigagpt_main(["export", str(trained), str(tmp_path / "hf")])
     capsys.readouterr()
     args = ["--prompt", "def ", "--max-new-tokens", "30", "--top-p", "0.9", "--seed", "3", "--device", "cpu"]
     from_ckpt, _ = sample(capsys, trained, *args)

@@ -24,6 +24,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+import gigagpt.accelerators  # noqa: F401  registers the Cerebras strategies with Lightning
 from gigagpt import GPTConfig, GPTDataModule, GPTModule, OptimConfig
 
 

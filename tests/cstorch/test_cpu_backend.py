@@ -68,14 +68,14 @@ def test_resume_from_mdl_is_exact(runs):
 def test_converter_round_trip(runs, tmp_path):
     import cerebras.pytorch as cstorch
 
-    from accelerators.convert import convert_checkpoint
-    from gigagpt.checkpoint import load_gpt
+    from gigagpt.accelerators.checkpoint_io import convert_checkpoint
+    from gigagpt.checkpoint import load_model
 
     mdl = runs / "cs" / "ckpt" / "step0020.mdl"
     ckpt = convert_checkpoint(mdl, tmp_path / "step20.ckpt")
     plain = torch.load(ckpt, weights_only=True)
     assert plain["global_step"] == STEPS
-    model = load_gpt(ckpt)
+    model = load_model(ckpt)
     assert model.lm_head.weight is model.wte.weight
     back = convert_checkpoint(ckpt, tmp_path / "back.mdl")
     original, again = cstorch.load(str(mdl)), cstorch.load(str(back))
@@ -89,7 +89,7 @@ def test_cerebras_checkpoints_on_a_plain_trainer_are_one_clear_line(runs, builti
     """A .mdl, or a .ckpt converted from one (cstorch's optimizer state), cannot resume torch's AdamW."""
     from cs_helpers import ROOT, run_cli
 
-    from accelerators.convert import convert_checkpoint
+    from gigagpt.accelerators.checkpoint_io import convert_checkpoint
 
     mdl = runs / "cs" / "ckpt" / "step0010.mdl"
     converted = convert_checkpoint(mdl, tmp_path / "step10.ckpt")

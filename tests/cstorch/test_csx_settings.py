@@ -14,7 +14,7 @@ pytest.importorskip("cerebras.pytorch")
 
 from cs_helpers import ROOT, subprocess_env
 
-from accelerators import CerebrasError, CerebrasPrecision, ClusterSettings
+from gigagpt.accelerators import CerebrasError, CerebrasPrecision, ClusterSettings
 from gigagpt.data import StepSampler, WindowDataset
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -64,7 +64,7 @@ def _train_args(data: Path, batch: int) -> dict:
 def test_every_window_read_once_over_validations_and_a_resume(builtin_bytes, num_csx, workers):
     """Point 10: executors [0,7), [7,14), then a resume at 14 for [14,23): each global step's windows
     are read exactly once, by the system and worker the appliance deals that step to."""
-    from accelerators.data import train_loader_for
+    from gigagpt.accelerators.data import train_loader_for
 
     steps, batch = 23, 8
     base = _train_args(builtin_bytes, batch)
@@ -93,7 +93,7 @@ def _windows(args, inputs) -> list[int]:
 @pytest.mark.parametrize("num_csx,workers", [(2, 1), (2, 2)])
 def test_each_system_evaluates_its_own_windows(builtin_bytes, num_csx, workers):
     """Point 10: with num_csx > 1 the systems split every evaluation batch, none reads a window twice."""
-    from accelerators.data import eval_loader_for
+    from gigagpt.accelerators.data import eval_loader_for
 
     base = _train_args(builtin_bytes, 4)
     args = {"path": base["path"].replace("train", "val"), "sequence_length": 64, "batch_size": 4,
@@ -112,8 +112,8 @@ def test_throughput_on_cerebras_reports_no_host_mfu():
     """Point 11: on a Cerebras strategy the MFU is n/a, never a host-CPU matmul probe."""
     import lightning as L
 
-    from callbacks.throughput import ThroughputMFU
     from gigagpt import GPTModule
+    from gigagpt.callbacks.throughput import ThroughputMFU
 
     trainer = L.Trainer(strategy="cerebras_cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, max_steps=1)
@@ -126,7 +126,7 @@ def test_lr_scale_multiplies_the_scheduled_rate(tmp_path):
     """μP contract: each group gets the scheduled rate times its lr_scale (cstorch's ScalePerParamLR)."""
     script = textwrap.dedent("""
         import cerebras.pytorch as cstorch, torch, json
-        from accelerators.schedule import build_cstorch_optimizer
+        from gigagpt.accelerators.schedule import build_cstorch_optimizer
         from gigagpt.optim import OptimConfig, get_lr
         backend = cstorch.backend("CPU", artifact_dir=%r)
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
@@ -170,7 +170,7 @@ def test_nan_guard_says_when_it_cannot_read_gradients():
     """Point 11: gradients on a device the host cannot read inside the step are not skipped silently."""
     from types import SimpleNamespace
 
-    from callbacks.guard import NonFiniteGuard
+    from gigagpt.callbacks.guard import NonFiniteGuard
 
     module = torch.nn.Linear(2, 2, device="meta")
     for p in module.parameters():

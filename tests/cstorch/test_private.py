@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("cerebras.pytorch")
 
-from accelerators.private import NAMES
+from gigagpt.accelerators.private import NAMES
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,11 +10,11 @@ import torch
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.strategies import StrategyRegistry
 
-import gigagpt  # noqa: F401  (registers "cerebras")
+import gigagpt.accelerators  # noqa: F401  (registers "cerebras")
 
 pytest.importorskip("cerebras.pytorch")
 
-from accelerators import CerebrasAccelerator, CerebrasError, CerebrasPrecision, CerebrasStrategy
+from gigagpt.accelerators import CerebrasAccelerator, CerebrasError, CerebrasPrecision, CerebrasStrategy
 
 
 def trainer(**kw) -> L.Trainer:
@@ -100,3 +100,20 @@ def test_cerebras_configs_compose_with_the_plain_ones(size, num_csx, tmp_path, m
     assert scaled.trainer.strategy.cluster.num_csx == 16
     assert scaled.trainer.strategy.cluster.mgmt_address == "cluster.example:9000"
     assert scaled.trainer.strategy.micro_batch_size == "auto"
+
+
+def test_users_own_callbacks_and_accelerators_files_do_not_break_the_cerebras_names(tmp_path):
+    """A script beside its own callbacks.py / accelerators.py still gets gigagpt's Cerebras names."""
+    import subprocess
+    import sys
+
+    for name in ("callbacks.py", "accelerators.py"):
+        (tmp_path / name).write_text(f"raise ImportError('the user {name} was imported')\n")
+    code = ("import lightning as L\nimport gigagpt.accelerators\n"
+            "kw = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False)\n"
+            "print(type(L.Trainer(accelerator='cerebras', **kw).accelerator).__name__)\n"
+            "print(type(L.Trainer(strategy='cerebras', **kw).strategy).__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["CerebrasAccelerator", "CerebrasStrategy"], proc.stdout

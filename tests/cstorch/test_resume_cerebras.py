@@ -18,7 +18,7 @@ CEREBRAS = ["--config", str(ROOT / "configs" / "cerebras" / "tiny.yaml")]
 
 def test_resumes_from_a_plain_last_ckpt(builtin_bytes, tmp_path):
     """A Cerebras run's checkpoint converted to ``last.ckpt`` (the only file left) is resumed, not ignored."""
-    from accelerators.convert import convert_checkpoint
+    from gigagpt.accelerators.checkpoint_io import convert_checkpoint
 
     data = ["--data.path", str(builtin_bytes)]
     proc = run_cli("fit", *BASE, *CEREBRAS, *data, "--trainer.max_steps", "4", cwd=tmp_path)

@@ -60,8 +60,7 @@ def test_safe_load_refuses(tmp_path, kind):
     path = PAYLOADS[kind](tmp_path / "evil.mdl", marker)
     with pytest.raises(ValueError, match="not loaded"):
         safe_load(path)
-    from accelerators.checkpoint_io import CerebrasCheckpointIO
-    from accelerators.convert import load_mdl
+    from gigagpt.accelerators.checkpoint_io import CerebrasCheckpointIO, load_mdl
 
     with pytest.raises(Exception, match="not loaded"):
         CerebrasCheckpointIO().load_checkpoint(path)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from gigagpt.errors import GigagptError
+
 INSTALL_HINT = 'pip install "gigagpt[cerebras]"'
 
 
-class CerebrasError(RuntimeError):
+class CerebrasError(GigagptError, RuntimeError):
     """A Cerebras setting or environment problem; the message says what to change."""
 
 

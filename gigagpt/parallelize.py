@@ -1,4 +1,5 @@
-"""GPU speed and sharded construction: ``torch.compile`` per block, and building a GPT for FSDP.
+"""Parallelisation applied from outside the model: ``torch.compile`` per block, and building a GPT
+sharded for FSDP (:func:`parallelize` picks what the Trainer's strategy needs).
 
 Both are opt-in and leave the network itself untouched: compiled blocks keep their class and
 parameter names (checkpoints and FSDP wrap policies see the same modules), and a GPT built for FSDP
@@ -87,26 +88,43 @@ def build_for_fsdp(config: GPTConfig, device: torch.device | str, compile: bool 
     with torch.device("meta"):
         model = GPT(config)
 
-    def materialise(module: nn.Module) -> None:
-        module.to_empty(device=device)
-        model.init_weights(module)
-
-    materialise(model.wte)
-    materialise(model.wpe)
-    for i, block in enumerate(model.blocks):
-        materialise(block)
+    def prepare(block: nn.Module) -> nn.Module:
         if compile:
             block.compile()
-        model.blocks[i] = wrap(block)
-    model.ln_f.to_empty(device=device)
-    model.lm_head.weight = model.wte.weight  # to_empty gave the embedding a new tensor: re-tie
-    model.init_weights(model.ln_f)
-    model.init_weights(model.lm_head)
+        return wrap(block)
+
+    model.materialise(device, prepare)
     if compile:
         model.head_loss.compile()
     # The root unit (embeddings, final norm, tied head) must be an FSDP module too: Lightning does
     # not wrap a model that already holds FSDP modules, and unwrapped parameters would not sync.
     return wrap(model)
+
+
+def sharding_device(strategy) -> torch.device | None:
+    """The device to build on when ``strategy`` is Lightning's FSDPStrategy (each rank builds its
+    shards there), else ``None``."""
+    if strategy is None:
+        return None
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return strategy.root_device if isinstance(strategy, FSDPStrategy) else None
+
+
+def parallelize(config: GPTConfig, strategy=None, compile: bool = False) -> nn.Module:
+    """The GPT of ``config`` as ``strategy`` trains it: sharded block by block as it is built under
+    FSDP (13B+ never materialise in full), otherwise whole; each block compiled if ``compile``.
+
+    The one place that applies compile / sharding, from outside the model and the LightningModule.
+    """
+    device = sharding_device(strategy)
+    if device is not None:
+        check_fsdp_strategy(strategy)
+        return build_for_fsdp(config, device, compile=compile)
+    model = GPT(config)
+    if compile:
+        compile_blocks(model)
+    return model
 
 
 def check_fsdp_strategy(strategy) -> None:
