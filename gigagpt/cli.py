@@ -26,6 +26,7 @@ from gigagpt.callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRi
 from gigagpt.checkpoint import AtomicCheckpointIO
 from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.errors import ConfigError
+from gigagpt.machine import apply_cpu_precision
 from gigagpt.model import SHAPE_FIELDS, GPTConfig
 from gigagpt.module import GPTModule
 from gigagpt.run_folder import (
@@ -37,7 +38,6 @@ from gigagpt.run_folder import (
     saved_model_config,
     shape_differences,
 )
-from gigagpt.machine import apply_cpu_precision
 
 TRAINER_COMMANDS = ("fit", "validate", "test")
 MAX_SEED = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything and data.seed feed

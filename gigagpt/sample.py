@@ -15,9 +15,9 @@ from typing import TextIO
 import torch
 
 from gigagpt.checkpoint import find_checkpoint, load_model, safe_load, training_tokenizer_file
-from gigagpt.run_folder import peek_checkpoint
 from gigagpt.generate import NO_TOKEN, check_sampling, generate_stream
 from gigagpt.mdl import is_hdf5
+from gigagpt.run_folder import peek_checkpoint
 from gigagpt.tokenizer import GPT2_VOCAB, Tokenizer, find_training_tokenizer, get_tokenizer
 
 FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
