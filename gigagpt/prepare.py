@@ -69,29 +69,31 @@ def _cut(blocks: Iterable[str | bytes], piece_bytes: int) -> Iterator[tuple[byte
     yield buf, True
 
 
-def _pieces(documents: Iterable[tuple[str | Iterable[str], int]], piece_bytes: int
-            ) -> Iterator[tuple[str, int, bool]]:
-    """(piece text, bytes, is it its document's last piece) for every piece of ``documents``.
+def _pieces(documents: Iterable[tuple], piece_bytes: int) -> Iterator[tuple[str, int, bool]]:
+    """(piece text, bytes, is it its document's last piece) for every piece of ``documents``:
+    ``(text, bytes)`` pairs, or ``(text, bytes, ends)`` where ``ends`` False says the document goes
+    on in the next part (a file cut into shards), so its last piece here takes no end-of-text.
 
     A piece's bytes are its UTF-8 length, but the last piece of a document is counted as what is
     left of the document's given size (so the sizes add up to the input's, for the progress bar).
     """
     quick = piece_bytes // 4  # a str of at most this many characters fits in one piece
-    for doc, nbytes in documents:
+    for doc, nbytes, *more in documents:
+        ends = more[0] if more else True
         if isinstance(doc, str):
             if len(doc) <= quick:
-                yield doc, nbytes, True
+                yield doc, nbytes, ends
                 continue
             data = doc.encode("utf-8", "surrogatepass")  # JSON may hold lone surrogates
             if len(data) <= piece_bytes:
-                yield doc, nbytes, True
+                yield doc, nbytes, ends
                 continue
             doc = (data,)
         counted = 0
         for piece, last in _cut(doc, piece_bytes):
             size = max(nbytes - counted, 0) if last else len(piece)
             counted += size
-            yield piece.decode("utf-8", "surrogatepass"), size, last
+            yield piece.decode("utf-8", "surrogatepass"), size, last and ends
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def _batches(pieces: Iterable[tuple[str, int, bool]], batch_bytes: int
 
 
 def prepare(
-    documents: Iterable[tuple[str | Iterable[str], int]],
+    documents: Iterable[tuple],
     output: str | os.PathLike,
     tokenizer: Tokenizer,
     val_fraction: float = 0.0005,
@@ -172,10 +174,7 @@ def prepare(
     (:mod:`gigagpt.dataset_folder`); an ``output`` holding a different dataset is refused unless
     ``force``.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if piece_bytes < 4:
-        raise ValueError(f"--piece-bytes must be at least 4 (one UTF-8 character), got {piece_bytes}")
+    check_settings(val_fraction, piece_bytes)
     out = Path(output)
     recipe = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "val_fraction": val_fraction,
               "seed": seed, "piece_bytes": piece_bytes, "source": source}
@@ -188,19 +187,8 @@ def prepare(
         start = time.perf_counter()
         stats = _tokenize(documents, tmp, tokenizer, val_fraction, seed, num_threads or os.cpu_count() or 1,
                           batch_bytes, _progress(progress, total_bytes), piece_bytes)
-        meta = {
-            "tokenizer": tokenizer.name,
-            # the local ranks file, if any: what the training-time TextSamples load offline
-            "tokenizer_file": tokenizer.source_file,
-            "vocab_size": tokenizer.vocab_size,
-            "eot_token": tokenizer.eot_token,
-            "dtype": token_dtype(tokenizer.vocab_size),
-            **stats,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "source": source,
-            "seconds": round(time.perf_counter() - start, 3),
-        }
+        meta = dataset_meta(tokenizer, stats, val_fraction, seed, source)
+        meta["seconds"] = round(time.perf_counter() - start, 3)
         folder.write_json(tmp / "meta.json", meta)
         folder.commit(tmp, out)
     except BaseException as err:
@@ -215,26 +203,115 @@ def prepare(
     return meta
 
 
-def _tokenize(documents, out: Path, tokenizer: Tokenizer, val_fraction: float, seed: int, num_threads: int,
-              batch_bytes: int, bar: _progress, piece_bytes: int) -> dict:
-    """Writes ``out/{train,val}.bin``; returns their counts for meta.json."""
-    eot = tokenizer.eot_token
-    files = {s: _TokenFile(out / f"{s}.bin", token_dtype(tokenizer.vocab_size)) for s in ("train", "val")}
-    rng = random.Random(seed)
-    n_docs = {"train": 0, "val": 0}
-    n_pieces = {"train": 0, "val": 0}
+def check_settings(val_fraction: float, piece_bytes: int) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if piece_bytes < 4:
+        raise ValueError(f"--piece-bytes must be at least 4 (one UTF-8 character), got {piece_bytes}")
+
+
+def dataset_meta(tokenizer: Tokenizer, stats: dict, val_fraction: float, seed: int, source: str) -> dict:
+    """What ``meta.json`` (and a store's manifest) says of the tokens: tokenizer, dtype, counts, recipe."""
+    return {
+        "tokenizer": tokenizer.name,
+        # the local ranks file, if any: what the training-time TextSamples load offline
+        "tokenizer_file": tokenizer.source_file,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_token": tokenizer.eot_token,
+        "dtype": token_dtype(tokenizer.vocab_size),
+        **stats,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "source": source,
+    }
+
+
+class _Splits:
+    """Pieces' tokens drawn into train or val and appended to ``out/{train,val}.bin``.
+
+    The latest non-empty piece is held back until the next one comes, so :meth:`finish` can give
+    it to a split that would otherwise stay empty.
+    """
+
+    def __init__(self, out: Path, tokenizer: Tokenizer, val_fraction: float, seed: int | str):
+        self.eot, self.val_fraction = tokenizer.eot_token, val_fraction
+        self.files = {s: _TokenFile(out / f"{s}.bin", token_dtype(tokenizer.vocab_size)) for s in ("train", "val")}
+        self.rng = random.Random(seed)
+        self.n_docs = {"train": 0, "val": 0}
+        self.n_pieces = {"train": 0, "val": 0}
+        self.held = None  # (ids, ends the document, drawn split) of the latest piece, not yet written
+
+    def write(self, split: str, pieces: list[list[int]], ends: list[bool]) -> None:
+        self.files[split].write(pieces, ends, self.eot)
+        self.n_pieces[split] += len(pieces)
+        self.n_docs[split] += sum(ends)
+
+    def take(self, encoded: list[list[int]], ends: list[bool]) -> None:
+        splits = {"train": ([], []), "val": ([], [])}
+        for ids, last in zip(encoded, ends):
+            drawn = "val" if self.rng.random() < self.val_fraction else "train"
+            if not ids:  # an empty document: only its end-of-text, never the held piece
+                splits[drawn][0].append(ids)
+                splits[drawn][1].append(last)
+                continue
+            if self.held is not None:
+                split_ids, split_ends = splits[self.held[2]]
+                split_ids.append(self.held[0])
+                split_ends.append(self.held[1])
+            self.held = (ids, last, drawn)
+        for split, (pieces, piece_ends) in splits.items():
+            self.write(split, pieces, piece_ends)
+
+    def finish(self, whole: bool, piece_bytes: int) -> None:
+        """Writes the held piece. ``whole``: this is the whole dataset, so neither split may stay
+        empty (a shard of a store may hold no val, or no text at all)."""
+        if self.held is None:
+            if whole:
+                raise ValueError("no training text: the inputs were empty")
+            return
+        if whole and self.val_fraction > 0 and sum(self.n_pieces.values()) == 0:
+            raise ValueError(
+                f"the text fits in one piece (at most {piece_bytes:,} bytes; pieces are the unit of "
+                f"the train/val split), so it cannot be split for --val-fraction {self.val_fraction}: "
+                "give more text, a smaller --piece-bytes, or --val-fraction 0"
+            )
+        ids, last, split = self.held
+        if whole and self.val_fraction > 0 and self.n_pieces["val"] == 0:
+            split = "val"
+        elif whole and self.n_pieces["train"] == 0:
+            split = "train"
+        self.write(split, [ids], [last])
+        if whole and self.files["train"].count == 0:
+            raise ValueError("no training text: the inputs were empty")
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def stats(self, piece_bytes: int, text_bytes: int) -> dict:
+        return {
+            "train_tokens": self.files["train"].count,
+            "val_tokens": self.files["val"].count,
+            "train_documents": self.n_docs["train"],  # documents that end in each split (their end-of-text tokens)
+            "val_documents": self.n_docs["val"],
+            "pieces": dict(self.n_pieces),
+            "piece_bytes": piece_bytes,
+            "train_max_token_id": self.files["train"].max_id,
+            "val_max_token_id": self.files["val"].max_id,
+            "text_bytes": text_bytes,
+        }
+
+
+def _tokenize(documents, out: Path, tokenizer: Tokenizer, val_fraction: float, seed: int | str,
+              num_threads: int, batch_bytes: int, bar: _progress, piece_bytes: int, whole: bool = True) -> dict:
+    """Writes ``out/{train,val}.bin``; returns their counts for meta.json (or a shard's record)."""
+    splits = _Splits(out, tokenizer, val_fraction, seed)
     read = 0
 
     def encode(batch: list[str]) -> list[list[int]]:
         return tokenizer.encode_batch(batch, num_threads=num_threads)
 
-    def write(split: str, pieces: list[list[int]], ends: list[bool]) -> None:
-        files[split].write(pieces, ends, eot)
-        n_pieces[split] += len(pieces)
-        n_docs[split] += sum(ends)
-
     try:
-        held = None  # (ids, ends the document, drawn split) of the latest piece, not yet written
         batches = _batches(_pieces(documents, piece_bytes), batch_bytes)
         with ThreadPoolExecutor(1) as pool:
             pending = None  # encode batch n+1 while batch n is converted and written
@@ -242,54 +319,15 @@ def _tokenize(documents, out: Path, tokenizer: Tokenizer, val_fraction: float, s
                 future = pool.submit(encode, texts) if texts is not None else None
                 if pending is not None:
                     done_ends, done_bytes, done_future = pending
-                    splits = {"train": ([], []), "val": ([], [])}
-                    for ids, last in zip(done_future.result(), done_ends):
-                        drawn = "val" if rng.random() < val_fraction else "train"
-                        if not ids:  # an empty document: only its end-of-text, never the held piece
-                            splits[drawn][0].append(ids)
-                            splits[drawn][1].append(last)
-                            continue
-                        if held is not None:
-                            split_ids, split_ends = splits[held[2]]
-                            split_ids.append(held[0])
-                            split_ends.append(held[1])
-                        held = (ids, last, drawn)
-                    for split, (pieces, piece_ends) in splits.items():
-                        write(split, pieces, piece_ends)
+                    splits.take(done_future.result(), done_ends)
                     read += done_bytes
                     bar.update(read)
                 pending = (ends, nbytes, future) if texts is not None else None
-        if held is None:
-            raise ValueError("no training text: the inputs were empty")
-        if val_fraction > 0 and sum(n_pieces.values()) == 0:
-            raise ValueError(
-                f"the text fits in one piece (at most {piece_bytes:,} bytes; pieces are the unit of "
-                f"the train/val split), so it cannot be split for --val-fraction {val_fraction}: "
-                "give more text, a smaller --piece-bytes, or --val-fraction 0"
-            )
-        ids, last, split = held
-        if val_fraction > 0 and n_pieces["val"] == 0:
-            split = "val"
-        elif n_pieces["train"] == 0:
-            split = "train"
-        write(split, [ids], [last])
-        if files["train"].count == 0:
-            raise ValueError("no training text: the inputs were empty")
+        splits.finish(whole, piece_bytes)
     finally:
-        for f in files.values():
-            f.close()
+        splits.close()
         bar.close()
-    return {
-        "train_tokens": files["train"].count,
-        "val_tokens": files["val"].count,
-        "train_documents": n_docs["train"],  # documents that end in each split (its end-of-text tokens)
-        "val_documents": n_docs["val"],
-        "pieces": dict(n_pieces),
-        "piece_bytes": piece_bytes,
-        "train_max_token_id": files["train"].max_id,
-        "val_max_token_id": files["val"].max_id,
-        "text_bytes": read,
-    }
+    return splits.stats(piece_bytes, read)
 
 
 class _progress:

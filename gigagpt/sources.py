@@ -3,12 +3,14 @@ and the built-in corpus, each as (document, bytes) pairs; inputs that are not te
 
 from __future__ import annotations
 
+import io
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")  # what a folder is read for, unless --ext
 BLOCK_CHARS = 1 << 20  # text files are read this many characters at a time
 
 
@@ -20,14 +22,26 @@ def builtin_documents() -> Iterator[str]:
         yield topics[key]
 
 
-def input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+def input_files(inputs: Iterable[str | os.PathLike], suffixes: Iterable[str] = TEXT_SUFFIXES,
+                skipped: Counter | None = None) -> list[Path]:
+    """The files ``inputs`` name: files as given, folders' files with one of ``suffixes``, sorted.
+
+    A folder's other files are counted by suffix in ``skipped`` (where given), for the report.
+    """
+    suffixes = tuple(suffixes)
     files = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            found = []
+            for p in sorted(p for p in path.rglob("*") if p.is_file()):
+                if p.suffix in suffixes:
+                    found.append(p)
+                elif skipped is not None:
+                    skipped[p.suffix or "(no extension)"] += 1
             if not found:
-                raise FileNotFoundError(f"folder {str(path)!r} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+                raise FileNotFoundError(f"folder {str(path)!r} holds no text files ({', '.join(suffixes)}); "
+                                        "choose the extensions read with --ext")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -36,6 +50,19 @@ def input_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for path in files:
         check_text(path)
     return files
+
+
+def parse_extensions(spec: str) -> tuple[str, ...]:
+    """``--ext .txt,md`` -> ``(".txt", ".md")``."""
+    exts = tuple(e if e.startswith(".") else f".{e}" for e in (x.strip() for x in spec.split(",")) if e)
+    if not exts or any(len(e) < 2 or "/" in e for e in exts):
+        raise ValueError(f"--ext {spec!r}: give file extensions separated by commas, e.g. --ext .txt,.md,.jsonl")
+    return exts
+
+
+def describe_skipped(skipped: Counter) -> str:
+    """``"3 .py, 1 .png"``: the most common kinds first."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 BINARY_MAGIC = (b"\x7fELF", b"MZ", b"\x89PNG", b"PK\x03\x04", b"\x1f\x8b", b"%PDF", b"\x89HDF")
@@ -88,3 +115,94 @@ def _jsonl_text(path: Path, line_no: int, raw: bytes) -> Iterator[tuple[str, int
     if not isinstance(text, str):
         raise ValueError(f"{path}:{line_no}: the 'text' field must be a string, got {json.dumps(text)[:40]}")
     yield text, len(raw)
+
+
+# -- parts of files: the units of a sharded store ----------------------------------------------------
+def plan_shards(files: list[Path], shard_bytes: int) -> list[list[tuple[str, int, int]]]:
+    """The inputs, in order, cut into shards of about ``shard_bytes`` bytes of text.
+
+    A shard is a list of ``(file, start, end)`` byte ranges; a cut inside a file falls just after a
+    newline (so a ``.jsonl`` line, a UTF-8 character or a ``\\r\\n`` is never split). The plan is a
+    pure function of the files' list and contents: every machine that plans it gets the same shards.
+    """
+    if shard_bytes < 1:
+        raise ValueError(f"--shard-mb must be positive, got {shard_bytes / 1e6}")
+    shards, current, filled = [], [], 0
+    for path in files:
+        size = path.stat().st_size
+        if size == 0:
+            current.append((str(path), 0, 0))  # an empty document still gets its end-of-text
+        pos = 0
+        while pos < size:
+            cut = size if size - pos <= shard_bytes - filled else _line_end(path, pos + shard_bytes - filled, size)
+            current.append((str(path), pos, cut))
+            filled += cut - pos
+            pos = cut
+            if filled >= shard_bytes:
+                shards.append(current)
+                current, filled = [], 0
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _line_end(path: Path, at: int, size: int, chunk: int = 1 << 16) -> int:
+    """The first position ``>= at`` just after a newline (or the file's end)."""
+    with open(path, "rb") as f:
+        pos = at - 1
+        f.seek(pos)
+        while block := f.read(chunk):
+            found = block.find(b"\n")
+            if found >= 0:
+                return pos + found + 1
+            pos += len(block)
+    return size
+
+
+class _Range(io.RawIOBase):
+    """Bytes ``[start, end)`` of a file, as a file."""
+
+    def __init__(self, path: Path, start: int, end: int):
+        self.file = open(path, "rb")
+        self.file.seek(start)
+        self.left = end - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.file.read(min(len(buffer), self.left))
+        buffer[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def range_blocks(path: Path, start: int, end: int, block_chars: int = BLOCK_CHARS) -> Iterator[str]:
+    """Bytes ``[start, end)`` of a text file as blocks of text, decoded as :func:`text_blocks` does."""
+    with io.TextIOWrapper(io.BufferedReader(_Range(path, start, end)), encoding="utf-8", errors="replace") as f:
+        while block := f.read(block_chars):
+            yield block
+
+
+def segment_documents(segments: Iterable[tuple[str, int, int]], block_chars: int = BLOCK_CHARS
+                      ) -> Iterator[tuple]:
+    """(document, bytes, does it end there) for byte ranges of files (:func:`plan_shards`).
+
+    A whole text file reads as :func:`file_documents` reads it; a text file cut into ranges is one
+    document whose end-of-text follows only its last range; a ``.jsonl`` range holds whole lines.
+    """
+    for name, start, end in segments:
+        path = Path(name)
+        size = path.stat().st_size
+        if path.suffix == ".jsonl":
+            with _Range(path, start, end) as raw, io.BufferedReader(raw) as f:
+                for line_no, line in enumerate(f, 1):
+                    yield from _jsonl_text(path if start == 0 else f"{path} (from byte {start})", line_no, line)
+        elif start == 0 and end == size:
+            yield text_blocks(path, block_chars), size
+        else:
+            yield range_blocks(path, start, end, block_chars), end - start, end == size
