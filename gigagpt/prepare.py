@@ -19,22 +19,26 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 from gigagpt import dataset_folder as folder
 from gigagpt.sources import (  # noqa: F401  (the sources are part of prepare's interface)
     BLOCK_CHARS,
     TEXT_SUFFIXES,
+    _batches,
+    _pieces,
     builtin_documents,
     check_text,
+    describe_skipped,
     file_documents,
     input_files,
+    parse_extensions,
     text_blocks,
 )
+from gigagpt.token_files import TokenFile, token_dtype  # noqa: F401  (token_dtype: part of the interface)
 from gigagpt.tokenizer import Tokenizer, get_tokenizer
 
 # The unit of the train/val split. Small enough that a ~1 MB file splits with roughly the asked
@@ -43,109 +47,7 @@ from gigagpt.tokenizer import Tokenizer, get_tokenizer
 PIECE_BYTES = 1 << 16
 
 
-def _cut(blocks: Iterable[str | bytes], piece_bytes: int) -> Iterator[tuple[bytes, bool]]:
-    """A document given as blocks of text (or of valid UTF-8) -> (UTF-8 piece, is it the
-    document's last) pairs.
-
-    Each piece but the last holds more than zero and at most ``piece_bytes`` bytes, ending after
-    its last newline when it holds one, else at a character boundary. The last piece is the rest
-    (empty only for an empty document). At most ``piece_bytes`` plus one block is held at a time.
-    """
-    buf = b""
-    for block in blocks:
-        data = block.encode("utf-8", "surrogatepass") if isinstance(block, str) else block
-        buf = buf + data if buf else data
-        pos = 0
-        while len(buf) - pos > piece_bytes:
-            limit = pos + piece_bytes
-            end = buf.rfind(b"\n", pos, limit) + 1
-            if end == 0:  # no newline: back off continuation bytes (10xxxxxx) to a character start
-                end = limit
-                while (buf[end] & 0xC0) == 0x80:
-                    end -= 1
-            yield buf[pos:end], False
-            pos = end
-        buf = buf[pos:]
-    yield buf, True
-
-
-def _pieces(documents: Iterable[tuple], piece_bytes: int) -> Iterator[tuple[str, int, bool]]:
-    """(piece text, bytes, is it its document's last piece) for every piece of ``documents``:
-    ``(text, bytes)`` pairs, or ``(text, bytes, ends)`` where ``ends`` False says the document goes
-    on in the next part (a file cut into shards), so its last piece here takes no end-of-text.
-
-    A piece's bytes are its UTF-8 length, but the last piece of a document is counted as what is
-    left of the document's given size (so the sizes add up to the input's, for the progress bar).
-    """
-    quick = piece_bytes // 4  # a str of at most this many characters fits in one piece
-    for doc, nbytes, *more in documents:
-        ends = more[0] if more else True
-        if isinstance(doc, str):
-            if len(doc) <= quick:
-                yield doc, nbytes, ends
-                continue
-            data = doc.encode("utf-8", "surrogatepass")  # JSON may hold lone surrogates
-            if len(data) <= piece_bytes:
-                yield doc, nbytes, ends
-                continue
-            doc = (data,)
-        counted = 0
-        for piece, last in _cut(doc, piece_bytes):
-            size = max(nbytes - counted, 0) if last else len(piece)
-            counted += size
-            yield piece.decode("utf-8", "surrogatepass"), size, last and ends
-
-
-# -- writing -----------------------------------------------------------------------------------------
-def token_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-class _TokenFile:
-    """Appends token arrays to ``path`` (inside the temporary folder ``prepare`` commits whole)."""
-
-    def __init__(self, path: Path, dtype: str):
-        self.path = path
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.file = open(path, "wb")
-        self.count, self.max_id = 0, -1
-
-    def write(self, pieces: list[list[int]], ends: list[bool], eot: int) -> None:
-        """Appends ``pieces``, each followed by ``eot`` where ``ends`` says it ends a document."""
-        if not pieces:
-            return
-        total = sum(map(len, pieces)) + sum(ends)
-        if total == 0:
-            return
-        arr = np.fromiter(
-            itertools.chain.from_iterable(
-                itertools.chain(p, (eot,)) if e else p for p, e in zip(pieces, ends)
-            ),
-            self.dtype,
-            total,
-        )
-        arr.tofile(self.file)
-        self.count += total
-        self.max_id = max(self.max_id, int(arr.max()))
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _batches(pieces: Iterable[tuple[str, int, bool]], batch_bytes: int
-             ) -> Iterator[tuple[list[str], list[bool], int]]:
-    batch, ends, size = [], [], 0
-    for text, nbytes, last in pieces:
-        batch.append(text)
-        ends.append(last)
-        size += nbytes
-        if size >= batch_bytes:
-            yield batch, ends, size
-            batch, ends, size = [], [], 0
-    if batch:
-        yield batch, ends, size
-
-
+# -- writing ---------------------------------------------------------------------------------------
 def prepare(
     documents: Iterable[tuple],
     output: str | os.PathLike,
@@ -235,7 +137,7 @@ class _Splits:
 
     def __init__(self, out: Path, tokenizer: Tokenizer, val_fraction: float, seed: int | str):
         self.eot, self.val_fraction = tokenizer.eot_token, val_fraction
-        self.files = {s: _TokenFile(out / f"{s}.bin", token_dtype(tokenizer.vocab_size)) for s in ("train", "val")}
+        self.files = {s: TokenFile(out / f"{s}.bin", token_dtype(tokenizer.vocab_size)) for s in ("train", "val")}
         self.rng = random.Random(seed)
         self.n_docs = {"train": 0, "val": 0}
         self.n_pieces = {"train": 0, "val": 0}
@@ -378,34 +280,98 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--force", action="store_true",
                         help="replace a different dataset already in --output (the same one is rebuilt freely)")
+    add_store_arguments(parser)
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ext", default=None,
+                        help="extensions read from folders, comma-separated (default: "
+                             f"{','.join(TEXT_SUFFIXES)}); other files are skipped and counted")
+    store = parser.add_argument_group("sharded store (docs/data.md)")
+    store.add_argument("--shard-mb", type=float, default=None,
+                       help="write a sharded store: shards of about this many MB of text, and manifest.json")
+    store.add_argument("--workers", type=int, default=0,
+                       help="make the shards on a local Dask cluster of this many processes (pip install "
+                            "'gigagpt[data]')")
+    store.add_argument("--scheduler", default=None,
+                       help="make the shards on a running Dask cluster, e.g. tcp://host:8786")
+    store.add_argument("--num-nodes", type=int, default=1,
+                       help="machines sharing the work without a cluster: each makes every N-th shard")
+    store.add_argument("--node-rank", type=int, default=0, help="this machine's rank among --num-nodes")
 
 
 def main(args: argparse.Namespace) -> dict:
     if args.builtin == bool(args.inputs):
         raise SystemExit("gigagpt prepare: give input files/folders, or --builtin (not both)")
+    sharded = args.shard_mb is not None or args.workers or args.scheduler or args.num_nodes > 1
     if args.builtin:
-        output = args.output or "data/builtin"
-        tokenizer = get_tokenizer(args.tokenizer or "bytes")
+        if sharded:
+            raise SystemExit("gigagpt prepare: a sharded store is made from input files, not --builtin")
+        output, spec = args.output or "data/builtin", args.tokenizer or "bytes"
         docs = ((d, len(d.encode("utf-8"))) for d in builtin_documents())
-        total, source = None, "builtin:pydoc_data.topics"
+        files, source = None, "builtin:pydoc_data.topics"
         val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
     else:
         if not args.output:
             raise SystemExit("gigagpt prepare: --output is required with input files")
-        output = args.output
-        files = input_files(args.inputs)
-        tokenizer = get_tokenizer(args.tokenizer or "gpt2")
+        output, spec = args.output, args.tokenizer or "gpt2"
+        files = _input_files(args)
         docs = file_documents(files)
-        total = sum(f.stat().st_size for f in files)
         source = ",".join(str(i) for i in args.inputs)
         val_fraction = 0.0005 if args.val_fraction is None else args.val_fraction
-    meta = prepare(docs, output, tokenizer, val_fraction=val_fraction, seed=args.seed,
-                   num_threads=args.threads, total_bytes=total, piece_bytes=args.piece_bytes,
-                   progress=not args.no_progress and sys.stderr.isatty(), source=source, force=args.force)
+    if sharded:
+        from gigagpt.shards import main as main_store
+
+        return main_store(args, files, output, spec, val_fraction, source)
+    meta = prepare(docs, output, get_tokenizer(spec), val_fraction=val_fraction, seed=args.seed,
+                   num_threads=args.threads, total_bytes=files and sum(f.stat().st_size for f in files),
+                   piece_bytes=args.piece_bytes, progress=not args.no_progress and sys.stderr.isatty(),
+                   source=source, force=args.force)
     mb = meta["text_bytes"] / 1e6
     print(
         f"wrote {output}/train.bin ({meta['train_tokens']:,} tokens) and val.bin "
         f"({meta['val_tokens']:,} tokens), {meta['dtype']}, tokenizer {meta['tokenizer']}: "
         f"{mb:.1f} MB of text in {meta['seconds']:.1f} s ({mb / max(meta['seconds'], 1e-9):.1f} MB/s)"
     )
+    warn_small_val(meta["val_tokens"], val_fraction)
     return meta
+
+
+def _input_files(args: argparse.Namespace) -> list[Path]:
+    skipped = Counter()
+    files = input_files(args.inputs, parse_extensions(args.ext) if args.ext else TEXT_SUFFIXES, skipped)
+    if skipped:
+        print(f"skipped {describe_skipped(skipped)} (not read; choose the extensions read with --ext)")
+    return files
+
+
+SMALLEST_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def smallest_val_batch() -> tuple[int, int]:
+    """(batch size, sequence length) of the smallest shipped config (the DataModule's defaults
+    where the configs are not installed)."""
+    try:
+        import yaml
+
+        data = yaml.safe_load(SMALLEST_CONFIG.read_text())["data"]
+        return int(data["batch_size"]), int(data["sequence_length"])
+    except (OSError, KeyError, TypeError, ValueError, ImportError):
+        import inspect
+
+        from gigagpt.data import GPTDataModule
+
+        params = inspect.signature(GPTDataModule).parameters
+        return params["batch_size"].default, params["sequence_length"].default
+
+
+def warn_small_val(val_tokens: int, val_fraction: float) -> None:
+    """One line when validation would refuse the split: fewer tokens than one batch of windows."""
+    if val_fraction <= 0:
+        return
+    batch, seq = smallest_val_batch()
+    need = batch * seq + 1  # `batch` windows of `seq` tokens, each with its next token as label
+    if val_tokens < need:
+        print(f"gigagpt prepare: warning: the validation split holds {val_tokens:,} tokens, fewer than one batch "
+              f"of {SMALLEST_CONFIG.stem} ({batch} x {seq} + 1 = {need:,}); raise --val-fraction (now "
+              f"{val_fraction}) or validation will refuse it", file=sys.stderr)

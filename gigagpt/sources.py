@@ -206,3 +206,71 @@ def segment_documents(segments: Iterable[tuple[str, int, int]], block_chars: int
             yield text_blocks(path, block_chars), size
         else:
             yield range_blocks(path, start, end, block_chars), end - start, end == size
+
+
+# -- documents cut into pieces, the unit of the train/val split -------------------------------------
+def _cut(blocks: Iterable[str | bytes], piece_bytes: int) -> Iterator[tuple[bytes, bool]]:
+    """A document given as blocks of text (or of valid UTF-8) -> (UTF-8 piece, is it the
+    document's last) pairs.
+
+    Each piece but the last holds more than zero and at most ``piece_bytes`` bytes, ending after
+    its last newline when it holds one, else at a character boundary. The last piece is the rest
+    (empty only for an empty document). At most ``piece_bytes`` plus one block is held at a time.
+    """
+    buf = b""
+    for block in blocks:
+        data = block.encode("utf-8", "surrogatepass") if isinstance(block, str) else block
+        buf = buf + data if buf else data
+        pos = 0
+        while len(buf) - pos > piece_bytes:
+            limit = pos + piece_bytes
+            end = buf.rfind(b"\n", pos, limit) + 1
+            if end == 0:  # no newline: back off continuation bytes (10xxxxxx) to a character start
+                end = limit
+                while (buf[end] & 0xC0) == 0x80:
+                    end -= 1
+            yield buf[pos:end], False
+            pos = end
+        buf = buf[pos:]
+    yield buf, True
+
+
+def _pieces(documents: Iterable[tuple], piece_bytes: int) -> Iterator[tuple[str, int, bool]]:
+    """(piece text, bytes, is it its document's last piece) for every piece of ``documents``:
+    ``(text, bytes)`` pairs, or ``(text, bytes, ends)`` where ``ends`` False says the document goes
+    on in the next part (a file cut into shards), so its last piece here takes no end-of-text.
+
+    A piece's bytes are its UTF-8 length, but the last piece of a document is counted as what is
+    left of the document's given size (so the sizes add up to the input's, for the progress bar).
+    """
+    quick = piece_bytes // 4  # a str of at most this many characters fits in one piece
+    for doc, nbytes, *more in documents:
+        ends = more[0] if more else True
+        if isinstance(doc, str):
+            if len(doc) <= quick:
+                yield doc, nbytes, ends
+                continue
+            data = doc.encode("utf-8", "surrogatepass")  # JSON may hold lone surrogates
+            if len(data) <= piece_bytes:
+                yield doc, nbytes, ends
+                continue
+            doc = (data,)
+        counted = 0
+        for piece, last in _cut(doc, piece_bytes):
+            size = max(nbytes - counted, 0) if last else len(piece)
+            counted += size
+            yield piece.decode("utf-8", "surrogatepass"), size, last and ends
+
+
+def _batches(pieces: Iterable[tuple[str, int, bool]], batch_bytes: int
+             ) -> Iterator[tuple[list[str], list[bool], int]]:
+    batch, ends, size = [], [], 0
+    for text, nbytes, last in pieces:
+        batch.append(text)
+        ends.append(last)
+        size += nbytes
+        if size >= batch_bytes:
+            yield batch, ends, size
+            batch, ends, size = [], [], 0
+    if batch:
+        yield batch, ends, size
