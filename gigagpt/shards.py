@@ -245,3 +245,40 @@ def main(args, files, output, spec, val_fraction, source) -> dict:
               f"val tokens, {manifest['dtype']}, tokenizer {manifest['tokenizer']}")
         warn_small_val(manifest["val_tokens"], val_fraction)
     return done
+
+
+def split_dataset(source: str | os.PathLike, output: str | os.PathLike, shard_tokens: int) -> dict:
+    """A prepared ``train.bin``/``val.bin`` folder cut into a store of the same token streams
+    (shards of ``shard_tokens``), e.g. to put existing data into object storage."""
+    import numpy as np
+
+    from gigagpt.token_files import meta_dtype, open_tokens, read_meta
+
+    src, out = Path(source), Path(output)
+    meta = read_meta(src)
+    dtype = meta_dtype(meta, src)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = {}
+    for split in ("train", "val"):
+        tokens = open_tokens(src / f"{split}.bin", dtype) if (src / f"{split}.bin").stat().st_size else []
+        parts[split] = [np.asarray(tokens[i : i + shard_tokens]) for i in range(0, len(tokens), shard_tokens)]
+    records = []
+    for index in range(max(map(len, parts.values()))):
+        record = {"text_bytes": 0}
+        for split in ("train", "val"):
+            part = parts[split][index] if index < len(parts[split]) else np.zeros(0, dtype)
+            name = shard_file(split, index)
+            _write_bytes(out / name, part.tobytes())
+            record[split] = {"file": name, "tokens": len(part), "sha256": sha256_file(out / name),
+                             "max_token_id": int(part.max()) if len(part) else -1, "documents": 0}
+        records.append(record)
+    keep = ("tokenizer", "tokenizer_file", "vocab_size", "eot_token", "dtype", "val_fraction", "seed", "source")
+    manifest = manifest_from(records, {k: meta.get(k) for k in keep} | {"split_from": str(src)})
+    _write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    from gigagpt.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: f.write(data))
