@@ -50,11 +50,15 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _write_json(path: Path, data: dict) -> None:
+def _atomic_write():
     # the project's atomic writer lives with the checkpoints (which load torch): imported when first used
     from gigagpt.checkpoint import atomic_write
 
-    atomic_write(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+    return atomic_write
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _atomic_write()(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def check_store_output(out: Path, recipe: dict, force: bool) -> None:
@@ -215,6 +219,7 @@ def prepare_store(files: list[Path], output: str | os.PathLike, tokenizer_spec: 
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(files, shard_bytes)
     mine = [i for i in range(len(plan)) if i % num_nodes == node_rank]
+    _atomic_write()  # its import (torch) before the clock starts
     start = time.perf_counter()
     records = run_shards(mine, plan, str(out), recipe, tokenizer_spec, num_threads or os.cpu_count() or 1,
                          workers, scheduler, client)
@@ -279,6 +284,4 @@ def split_dataset(source: str | os.PathLike, output: str | os.PathLike, shard_to
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    from gigagpt.checkpoint import atomic_write
-
-    atomic_write(path, lambda f: f.write(data))
+    _atomic_write()(path, lambda f: f.write(data))
