@@ -34,6 +34,7 @@ from gigagpt.sources import (  # noqa: F401  (the sources are part of prepare's 
     check_text,
     describe_skipped,
     file_documents,
+    file_size,
     input_files,
     parse_extensions,
     text_blocks,
@@ -262,7 +263,8 @@ class _progress:
 
 # -- command line ------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="*", help="text files, folders of them, or .jsonl files with a 'text' field")
+    parser.add_argument("inputs", nargs="*", help="text files, folders of them, or .jsonl files with a 'text' field; local paths or "
+                        "fsspec URLs (s3://bucket/corpus/ ...)")
     parser.add_argument("--builtin", action="store_true",
                         help="use the built-in corpus (CPython's reference docs); needs no download")
     parser.add_argument("--output", "-o", default=None, help="output folder (default: data/builtin with --builtin)")
@@ -324,7 +326,7 @@ def main(args: argparse.Namespace) -> dict:
 
         return main_store(args, files, output, spec, val_fraction, source)
     meta = prepare(docs, output, get_tokenizer(spec), val_fraction=val_fraction, seed=args.seed,
-                   num_threads=args.threads, total_bytes=files and sum(f.stat().st_size for f in files),
+                   num_threads=args.threads, total_bytes=files and sum(map(file_size, files)),
                    piece_bytes=args.piece_bytes, progress=not args.no_progress and sys.stderr.isatty(),
                    source=source, force=args.force)
     mb = meta["text_bytes"] / 1e6

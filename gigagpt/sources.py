@@ -1,5 +1,6 @@
 """What ``prepare`` reads: text files (read lazily in blocks), ``.jsonl`` lines' ``text`` fields,
-and the built-in corpus, each as (document, bytes) pairs; inputs that are not text are refused."""
+and the built-in corpus, each as (document, bytes) pairs; inputs that are not text are refused.
+Inputs are local paths or fsspec URLs (``s3://bucket/corpus/``, with the file system's package)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")  # what a folder is read for, unless --ext
 BLOCK_CHARS = 1 << 20  # text files are read this many characters at a time
@@ -22,9 +23,45 @@ def builtin_documents() -> Iterator[str]:
         yield topics[key]
 
 
+def is_url(name: str | os.PathLike) -> bool:
+    return "://" in str(name)
+
+
+def open_binary(name: str | os.PathLike):
+    if is_url(name):
+        import fsspec
+
+        return fsspec.open(str(name), "rb").open()
+    return open(name, "rb")
+
+
+def file_size(name: str | os.PathLike) -> int:
+    if is_url(name):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(str(name))
+        return int(fs.size(path))
+    return os.stat(name).st_size
+
+
+def suffix(name: str | os.PathLike) -> str:
+    return PurePosixPath(str(name)).suffix
+
+
+def _url_files(url: str) -> list[str] | None:
+    """The files under an fsspec URL, sorted (``[url]`` for a file), or None if nothing is there."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    if fs.isdir(root):
+        return sorted(fs.unstrip_protocol(p) for p in fs.find(root))
+    return [url] if fs.isfile(root) else None
+
+
 def input_files(inputs: Iterable[str | os.PathLike], suffixes: Iterable[str] = TEXT_SUFFIXES,
-                skipped: Counter | None = None) -> list[Path]:
-    """The files ``inputs`` name: files as given, folders' files with one of ``suffixes``, sorted.
+                skipped: Counter | None = None) -> list:
+    """The files ``inputs`` name: files as given, folders' files with one of ``suffixes``, sorted
+    (``Path``s, or ``str`` URLs for inputs in an fsspec file system).
 
     A folder's other files are counted by suffix in ``skipped`` (where given), for the report.
     """
@@ -32,17 +69,22 @@ def input_files(inputs: Iterable[str | os.PathLike], suffixes: Iterable[str] = T
     files = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        listed = _url_files(str(item)) if is_url(item) else None
+        if is_url(item) and listed is None:
+            raise FileNotFoundError(f"input {str(item)!r} does not exist")
+        if (listed is not None and listed != [str(item)]) or (listed is None and path.is_dir()):
             found = []
-            for p in sorted(p for p in path.rglob("*") if p.is_file()):
-                if p.suffix in suffixes:
+            for p in listed if listed is not None else sorted(p for p in path.rglob("*") if p.is_file()):
+                if suffix(p) in suffixes:
                     found.append(p)
                 elif skipped is not None:
-                    skipped[p.suffix or "(no extension)"] += 1
+                    skipped[suffix(p) or "(no extension)"] += 1
             if not found:
                 raise FileNotFoundError(f"folder {str(path)!r} holds no text files ({', '.join(suffixes)}); "
                                         "choose the extensions read with --ext")
             files.extend(found)
+        elif listed is not None:
+            files.append(str(item))
         elif path.is_file():
             files.append(path)
         else:
@@ -70,7 +112,7 @@ BINARY_MAGIC = (b"\x7fELF", b"MZ", b"\x89PNG", b"PK\x03\x04", b"\x1f\x8b", b"%PD
 
 def check_text(path: Path, head_bytes: int = 1 << 13) -> None:
     """Refuse a file whose start shows it is not text (NUL bytes, a binary format's magic number)."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         head = f.read(head_bytes)
     if head.startswith(BINARY_MAGIC) or b"\x00" in head:
         raise ValueError(f"input {str(path)!r} is not text (it holds NUL bytes or starts like a binary "
@@ -81,7 +123,8 @@ def text_blocks(path: str | os.PathLike, block_chars: int = BLOCK_CHARS) -> Iter
     """A text file as consecutive blocks of at most ``block_chars`` characters, read lazily (the file
     is opened on the first ``next``). Decoded as ``read_text`` would: UTF-8, invalid bytes replaced,
     universal newlines."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with (io.TextIOWrapper(open_binary(path), encoding="utf-8", errors="replace") if is_url(path)
+          else open(path, encoding="utf-8", errors="replace")) as f:
         while block := f.read(block_chars):
             yield block
 
@@ -91,12 +134,12 @@ def file_documents(files: Iterable[Path], block_chars: int = BLOCK_CHARS
     """(document, bytes) pairs: a ``.jsonl`` line's ``text`` field (a ``str``), or a text file as
     an iterator of blocks (``text_blocks``: never read whole)."""
     for path in files:
-        if path.suffix == ".jsonl":
-            with open(path, "rb") as f:
+        if suffix(path) == ".jsonl":
+            with open_binary(path) as f:
                 for line_no, raw in enumerate(f, 1):
                     yield from _jsonl_text(path, line_no, raw)
         else:
-            yield text_blocks(path, block_chars), path.stat().st_size
+            yield text_blocks(path, block_chars), file_size(path)
 
 
 def _jsonl_text(path: Path, line_no: int, raw: bytes) -> Iterator[tuple[str, int]]:
@@ -129,7 +172,7 @@ def plan_shards(files: list[Path], shard_bytes: int) -> list[list[tuple[str, int
         raise ValueError(f"--shard-mb must be positive, got {shard_bytes / 1e6}")
     shards, current, filled = [], [], 0
     for path in files:
-        size = path.stat().st_size
+        size = file_size(path)
         if size == 0:
             current.append((str(path), 0, 0))  # an empty document still gets its end-of-text
         pos = 0
@@ -148,7 +191,7 @@ def plan_shards(files: list[Path], shard_bytes: int) -> list[list[tuple[str, int
 
 def _line_end(path: Path, at: int, size: int, chunk: int = 1 << 16) -> int:
     """The first position ``>= at`` just after a newline (or the file's end)."""
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         pos = at - 1
         f.seek(pos)
         while block := f.read(chunk):
@@ -163,7 +206,7 @@ class _Range(io.RawIOBase):
     """Bytes ``[start, end)`` of a file, as a file."""
 
     def __init__(self, path: Path, start: int, end: int):
-        self.file = open(path, "rb")
+        self.file = open_binary(path)
         self.file.seek(start)
         self.left = end - start
 
@@ -196,9 +239,9 @@ def segment_documents(segments: Iterable[tuple[str, int, int]], block_chars: int
     document whose end-of-text follows only its last range; a ``.jsonl`` range holds whole lines.
     """
     for name, start, end in segments:
-        path = Path(name)
-        size = path.stat().st_size
-        if path.suffix == ".jsonl":
+        path = name if is_url(name) else Path(name)
+        size = file_size(path)
+        if suffix(path) == ".jsonl":
             with _Range(path, start, end) as raw, io.BufferedReader(raw) as f:
                 for line_no, line in enumerate(f, 1):
                     yield from _jsonl_text(path if start == 0 else f"{path} (from byte {start})", line_no, line)

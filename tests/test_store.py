@@ -188,3 +188,22 @@ def test_datamodule_names_a_shard_whose_size_is_not_the_manifests(builtin_bytes,
     dm = GPTDataModule(path=str(tmp_path), sequence_length=32, batch_size=4)
     with pytest.raises(DataConfigError, match="train-00003.bin"):
         dm.resolve(vocab_size=256)
+
+
+def test_inputs_in_object_storage_give_the_same_shards(corpus, one_node, tmp_path):
+    """The corpus read through fsspec (``memory://`` here; ``s3://`` ... with its package): the same
+    shard bytes as from the local files."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"gigagpt-inputs-{os.getpid()}"
+    fs.put(str(corpus), root, recursive=True)
+    try:
+        files = input_files([f"memory://{root}"])
+        assert [f.rsplit("/", 1)[1] for f in files] == [p.name for p in input_files([corpus])]
+        done = prepare_store(files, tmp_path, source="memory", **RECIPE)
+    finally:
+        fs.rm(root, recursive=True)
+    assert done["manifest"]["shards"] == json.loads((one_node / "manifest.json").read_text())["shards"]
+    bins = {n: b for n, b in store_bytes(one_node).items() if n.endswith(".bin")}
+    assert {n: b for n, b in store_bytes(tmp_path).items() if n.endswith(".bin")} == bins
