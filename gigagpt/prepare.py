@@ -305,7 +305,8 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     if args.builtin == bool(args.inputs):
         raise SystemExit("gigagpt prepare: give input files/folders, or --builtin (not both)")
-    sharded = args.shard_mb is not None or args.workers or args.scheduler or args.num_nodes > 1
+    sharded = (args.shard_mb is not None or args.workers or args.scheduler or args.num_nodes != 1
+               or args.node_rank != 0)
     if args.builtin:
         if sharded:
             raise SystemExit("gigagpt prepare: a sharded store is made from input files, not --builtin")

@@ -207,8 +207,13 @@ def prepare_store(files: list[Path], output: str | os.PathLike, tokenizer_spec: 
     other nodes are missing."""
 
     check_settings(val_fraction, piece_bytes)
-    if not 0 <= node_rank < num_nodes:
-        raise ValueError(f"--node-rank must be in [0, --num-nodes={num_nodes}), got {node_rank}")
+    if num_nodes < 1 or not 0 <= node_rank < num_nodes:
+        raise ValueError(f"--node-rank must be in [0, --num-nodes), --num-nodes at least 1; got --node-rank "
+                         f"{node_rank} of --num-nodes {num_nodes}")
+    if workers < 0:
+        raise ValueError(f"--workers must be 0 (this process) or more, got {workers}")
+    if shard_bytes < 1:
+        raise ValueError(f"--shard-mb must be positive, got {shard_bytes / 1e6}")
     tokenizer = get_tokenizer(tokenizer_spec)
     recipe = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "val_fraction": val_fraction,
               "seed": seed, "piece_bytes": piece_bytes, "shard_bytes": shard_bytes, "source": source}
@@ -233,7 +238,7 @@ def prepare_store(files: list[Path], output: str | os.PathLike, tokenizer_spec: 
 
 
 def main(args, files, output, spec, val_fraction, source) -> dict:
-    shard_bytes = int((args.shard_mb or 256) * 1e6)
+    shard_bytes = int((256 if args.shard_mb is None else args.shard_mb) * 1e6)
     done = prepare_store(files, output, spec, val_fraction, args.seed, args.piece_bytes, shard_bytes, source,
                          num_threads=args.threads, workers=args.workers, scheduler=args.scheduler,
                          num_nodes=args.num_nodes, node_rank=args.node_rank, force=args.force)

@@ -38,15 +38,6 @@ def join(root: str, name: str) -> str:
     return f"{str(root).rstrip('/')}/{name}" if is_remote(root) else str(Path(root) / name)
 
 
-def has_manifest(root: str) -> bool:
-    if is_remote(root):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(join(root, MANIFEST))
-        return fs.exists(path)
-    return (Path(root) / MANIFEST).is_file()
-
-
 def read_manifest(root: str) -> dict:
     """The store's manifest, checked for the fields readers rely on."""
     where = join(root, MANIFEST)
@@ -119,21 +110,31 @@ class ShardCache:
         self.evict(keep=path)
         return path
 
+    def _entries(self) -> list[tuple[int, int, Path]]:
+        """(last use, bytes, path) of the cached shards; other processes may remove some meanwhile."""
+        entries = []
+        for p in self.folder.iterdir() if self.folder.is_dir() else ():
+            if p.name.startswith("."):
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((st.st_mtime_ns, st.st_size, p))
+        return sorted(entries)
+
     def evict(self, keep: Path) -> None:
-        files = [p for p in self.folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-        files.sort(key=lambda p: p.stat().st_mtime_ns)
-        total = sum(p.stat().st_size for p in files)
-        for p in files:
+        entries = self._entries()
+        total = sum(size for _, size, _ in entries)
+        for _, size, p in entries:
             if total <= self.max_bytes:
                 return
             if p != keep:
-                total -= p.stat().st_size
+                total -= size
                 p.unlink(missing_ok=True)
 
     def cached_bytes(self) -> int:
-        if not self.folder.is_dir():
-            return 0
-        return sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        return sum(size for _, size, _ in self._entries())
 
 
 def default_cache_dir(root: str) -> str:
@@ -181,7 +182,9 @@ class TokenStream:
             return self._open[i]
         location = self.locations[i]
         if is_remote(location):
-            cache = ShardCache(self.cache["dir"], self.cache["max_bytes"], self.cache.get("hashes"))
+            settings = self.cache or {"dir": default_cache_dir(location.rsplit("/", 1)[0]),
+                                      "max_bytes": int(DEFAULT_CACHE_GB * 1e9)}
+            cache = ShardCache(settings["dir"], settings["max_bytes"], settings.get("hashes"))
             tokens = open_tokens(cache.fetch(location), self.dtype)
             # bound what stays mapped as the cache bounds what stays on disk
             while len(self._open) > 1 and sum(a.nbytes for a in self._open.values()) + tokens.nbytes > cache.max_bytes:

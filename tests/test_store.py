@@ -207,3 +207,24 @@ def test_inputs_in_object_storage_give_the_same_shards(corpus, one_node, tmp_pat
     assert done["manifest"]["shards"] == json.loads((one_node / "manifest.json").read_text())["shards"]
     bins = {n: b for n, b in store_bytes(one_node).items() if n.endswith(".bin")}
     assert {n: b for n, b in store_bytes(tmp_path).items() if n.endswith(".bin")} == bins
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--shard-mb", "0"], "--shard-mb must be positive"),
+    (["--num-nodes", "2", "--node-rank", "2"], "--node-rank must be in"),
+    (["--node-rank", "1"], "--node-rank must be in"),
+    (["--workers", "-1"], "--workers must be 0"),
+])
+def test_bad_store_settings_are_one_line_and_write_nothing(corpus, tmp_path, flags, message):
+    from gigagpt.commands import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["prepare", str(corpus / "docs.jsonl"), "--output", str(tmp_path / "out"), "--tokenizer", "bytes",
+              "--no-progress", *flags])
+    assert str(err.value).startswith("gigagpt prepare: error:") and message in str(err.value)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_bad_cache_size_is_named():
+    with pytest.raises(DataConfigError, match="data.cache_gb"):
+        GPTDataModule(path="store", cache_gb=0)
