@@ -19,6 +19,7 @@ import re
 import time
 from pathlib import Path
 
+from gigagpt.dataset_folder import fsync_file
 from gigagpt.prepare import _progress, _tokenize, check_settings, dataset_meta, warn_small_val
 from gigagpt.sources import plan_shards, segment_documents
 from gigagpt.store import MANIFEST, STORE_FORMAT
@@ -102,7 +103,6 @@ def write_shard(index: int, segments: list, output: str, recipe: dict, tokenizer
                 num_threads: int = 1) -> dict:
     """Make shard ``index`` of the store in ``output`` from ``segments`` (or reuse a complete one);
     returns its record. Module-level with plain arguments: the engines ship it to their workers."""
-
     out = Path(output)
     done = complete_record(out, index, recipe, segments)
     if done is not None:
@@ -122,6 +122,7 @@ def write_shard(index: int, segments: list, output: str, recipe: dict, tokenizer
                              "sha256": sha256_file(tmp / f"{split}.bin"),
                              "max_token_id": stats[f"{split}_max_token_id"],
                              "documents": stats[f"{split}_documents"]}
+            fsync_file(tmp / f"{split}.bin")  # on disk before the record that vouches for it
             os.replace(tmp / f"{split}.bin", out / name)
     finally:
         for leftover in tmp.iterdir():
@@ -205,7 +206,6 @@ def prepare_store(files: list[Path], output: str | os.PathLike, tokenizer_spec: 
     """Tokenize ``files`` into a sharded store in ``output``; this machine makes the shards
     ``i % num_nodes == node_rank``. Returns a summary; its ``manifest`` is None while shards of
     other nodes are missing."""
-
     check_settings(val_fraction, piece_bytes)
     if num_nodes < 1 or not 0 <= node_rank < num_nodes:
         raise ValueError(f"--node-rank must be in [0, --num-nodes), --num-nodes at least 1; got --node-rank "
@@ -217,7 +217,7 @@ def prepare_store(files: list[Path], output: str | os.PathLike, tokenizer_spec: 
     tokenizer = get_tokenizer(tokenizer_spec)
     recipe = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "val_fraction": val_fraction,
               "seed": seed, "piece_bytes": piece_bytes, "shard_bytes": shard_bytes, "source": source}
-    meta = {k: v for k, v in dataset_meta(tokenizer, {}, val_fraction, seed, source).items()}
+    meta = dataset_meta(tokenizer, {}, val_fraction, seed, source)
     meta.update(piece_bytes=piece_bytes, shard_bytes=shard_bytes)
     out = Path(output)
     check_store_output(out, recipe, force)
