@@ -3,7 +3,7 @@
 #   bash run.sh demo   prepare the built-in corpus, train `tiny` on CPU, print a sample
 #   bash run.sh test   the whole test suite, in the core and the cstorch environments
 # Environments (created on first use, refreshed when pyproject.toml changes):
-#   .venv           current torch (TORCH_SPEC, default torch==2.13.0) + gigagpt[dev,hf,plot]
+#   .venv           current torch (TORCH_SPEC, default torch==2.13.0) + gigagpt[dev,hf,plot,data]
 #   .venv-cerebras  cerebras-pytorch==2.10.0 (pins torch 2.4.0, numpy 1.25) + gigagpt[cerebras,dev]
 # GIGAGPT_SKIP_CSTORCH=1 skips the cstorch environment (its install is about 6 GB).
 set -euo pipefail
@@ -39,7 +39,7 @@ CS_CORE_TESTS=(tests/test_model.py tests/test_optim.py tests/test_data.py tests/
   tests/test_convert.py tests/test_cerebras_missing.py tests/test_mup.py tests/test_safe_load.py
   tests/test_generate.py "tests/test_bad_inputs.py::test_bad_input_is_one_line[csx_lowering_without_venv_bin_on_path]")
 
-core_env() { ensure_venv "$CORE_VENV" "dev,hf,plot" "$TORCH_SPEC"; }
+core_env() { ensure_venv "$CORE_VENV" "dev,hf,plot,data" "$TORCH_SPEC"; }
 cs_env() { ensure_venv "$CS_VENV" "cerebras,dev"; }
 
 demo() {

@@ -71,20 +71,32 @@ def streamer_position(num_csx: int, workers_per_csx: int) -> tuple[int, int] | N
     return divmod(dist.get_streaming_rank(), workers_per_csx)
 
 
-def train_loader_for(args: dict, position: tuple[int, int] | None) -> DataLoader:
-    """The loader of one input worker at ``position`` (``None``: the whole global batch, in order)."""
-    from gigagpt.data import StepSampler, WindowDataset, build_train_loader
+def _cluster_share(args: dict, position: tuple[int, int] | None):
+    """``(args, dataset, wse, local, num_csx, workers)`` of an input worker, or ``(args, None, ...)``
+    where the plain loader serves (off the cluster, without cluster tokens)."""
+    from gigagpt.data import WindowDataset
 
     args = dict(args)
     num_csx, workers = args.pop("num_csx", 1), args.pop("workers_per_csx", 1)
     cluster_tokens = args.pop("cluster_tokens", False)
     if position is None and not cluster_tokens:
-        return build_train_loader(**args)
+        return args, None, 0, 0, 1, 1
     wse, local = position or (0, 0)
     num_csx, workers = (num_csx, workers) if position is not None else (1, 1)
+    # the worker's dataset opens (or fetches) only the shards its windows touch
+    dataset = WindowDataset(args["path"], args["sequence_length"], args.get("dtype", "uint16"), args.get("cache"))
+    return args, dataset, wse, local, num_csx, workers
+
+
+def train_loader_for(args: dict, position: tuple[int, int] | None) -> DataLoader:
+    """The loader of one input worker at ``position`` (``None``: the whole global batch, in order)."""
+    from gigagpt.data import StepSampler, build_train_loader
+
+    args, dataset, wse, local, num_csx, workers = _cluster_share(args, position)
+    if dataset is None:
+        return build_train_loader(**args)
     if args["batch_size"] % num_csx:
         raise ValueError(f"data.batch_size={args['batch_size']} must divide evenly over cluster.num_csx={num_csx}")
-    dataset = WindowDataset(args["path"], args["sequence_length"], args.get("dtype", "uint16"))
     steps = StepSampler(len(dataset), args["batch_size"] // num_csx, args["seed"], 0, wse, num_csx)
     sampler = _Strided(steps, args.get("start_step", 0) + local, workers)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=_as_cluster_tokens)
@@ -92,17 +104,12 @@ def train_loader_for(args: dict, position: tuple[int, int] | None) -> DataLoader
 
 def eval_loader_for(args: dict, position: tuple[int, int] | None) -> DataLoader:
     """Evaluation windows in order; each system takes its share of every global batch."""
-    from gigagpt.data import WindowDataset, build_eval_loader
+    from gigagpt.data import build_eval_loader
 
-    args = dict(args)
-    num_csx, workers = args.pop("num_csx", 1), args.pop("workers_per_csx", 1)
-    cluster_tokens = args.pop("cluster_tokens", False)
-    if position is None and not cluster_tokens:
+    args, dataset, wse, local, num_csx, workers = _cluster_share(args, position)
+    if dataset is None:
         return build_eval_loader(**args)
-    wse, local = position or (0, 0)
-    num_csx, workers = (num_csx, workers) if position is not None else (1, 1)
     batch, max_batches = args["batch_size"], args.get("max_batches")
-    dataset = WindowDataset(args["path"], args["sequence_length"], args.get("dtype", "uint16"))
     n = len(dataset) // batch * batch
     if max_batches is not None:
         n = min(n, max_batches * batch)
@@ -144,7 +151,7 @@ def cerebras_eval_factory(dm, dataloader, num_batches: int, extra: dict):
     if files is not None and hasattr(dm, "sequence_length"):
         return cerebras_eval_loader, {
             "path": files.val, "sequence_length": dm.sequence_length, "batch_size": dm.batch_size,
-            "dtype": files.dtype, "max_batches": max(num_batches, 1), **extra,
+            "dtype": files.dtype, "max_batches": max(num_batches, 1), "cache": files.cache, **extra,
         }
     return _return_loader, dataloader
 

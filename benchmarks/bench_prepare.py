@@ -1,6 +1,12 @@
 """`gigagpt prepare` throughput and memory against raw tiktoken, on the same text, in one run.
 
     python benchmarks/bench_prepare.py [--corpus-mb 400] [--threads 2]
+    python benchmarks/bench_prepare.py --sharded [--corpus-mb 40] [--shard-mb 2]
+
+``--sharded`` measures a sharded store instead (``docs/data.md``): on a local Dask cluster of 1 and 2
+worker processes (one tokenizer thread each), and as 2 "nodes" (two processes with ``--num-nodes 2
+--node-rank 0|1``, as on two machines), against raw tiktoken with 1 and 2 threads; peak memory is
+per worker process.
 
 Builds a corpus of text files from the built-in documentation (each copy numbered so no two
 documents are identical), then measures:
@@ -100,16 +106,81 @@ def baseline_rss_mb() -> float:
     return int(out.stdout.split()[-1]) / 1024
 
 
+def _peak_kb() -> int:
+    return int([line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0])
+
+
+def _warm() -> None:
+    """What every shard task imports (the tokenizer, the atomic writer), loaded before timing."""
+    from gigagpt.shards import _atomic_write
+    from gigagpt.tokenizer import get_tokenizer
+
+    _atomic_write()
+    get_tokenizer(str(RANKS))
+
+
+def run_dask(files: list[Path], out: Path, workers: int, shard_mb: float) -> tuple[float, list[float], list[float]]:
+    """(MB/s, peak RSS MB of each worker, RSS MB of each worker after imports) on a local Dask cluster."""
+    from dask.distributed import Client, LocalCluster
+
+    from gigagpt.prepare import PIECE_BYTES
+    from gigagpt.shards import prepare_store
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.run(_warm)
+        base = [kb / 1024 for kb in client.run(_peak_kb).values()]
+        done = prepare_store(files, out, str(RANKS), 0.0005, 2357, PIECE_BYTES, int(shard_mb * 1e6), "bench",
+                             client=client)
+        peaks = [kb / 1024 for kb in client.run(_peak_kb).values()]
+    return done["text_bytes"] / 1e6 / done["seconds"], peaks, base
+
+
+def run_nodes(corpus: Path, out: Path, nodes: int, shard_mb: float) -> tuple[float, list[float]]:
+    """(MB/s over the slowest node's shard time, peak RSS MB of each node) of ``nodes`` processes."""
+    code = ("import sys; from gigagpt.commands import main; main(sys.argv[1:]);"
+            "print('PEAK_RSS_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", code, "prepare", str(corpus), "--output", str(out), "--tokenizer", str(RANKS),
+         "--shard-mb", str(shard_mb), "--threads", "1", "--num-nodes", str(nodes), "--node-rank", str(rank),
+         "--no-progress"], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        for rank in range(nodes)]
+    outs = [p.communicate()[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    seconds = max(float(o.split(" MB of text in ")[1].split()[0]) for o in outs)
+    text_mb = sum(float(o.split(" MB of text in ")[0].rsplit(":", 1)[1]) for o in outs)
+    return text_mb / seconds, [int(o.split("PEAK_RSS_KB")[1].split()[0]) / 1024 for o in outs]
+
+
+def sharded(args, tmp: Path, files: list[Path], size: int) -> None:
+    raw1 = raw_tiktoken(files, 1, args.raw_mb * 10**6)
+    raw2 = raw_tiktoken(files, 2, args.raw_mb * 10**6)
+    print(f"corpus: {size / 1e6:.0f} MB of text in {len(files)} files, shards of {args.shard_mb} MB")
+    print(f"raw tiktoken encode_ordinary_batch : {raw1:.2f} MB/s on 1 thread, {raw2:.2f} MB/s on 2")
+    for workers in (1, 2):
+        mbps, peaks, base = run_dask(files, tmp / f"dask{workers}", workers, args.shard_mb)
+        print(f"Dask, {workers} worker process(es)       : {mbps:.2f} MB/s = {mbps / (raw1 if workers == 1 else raw2):.2f}"
+              f" x raw on {workers} thread(s); peak RSS per worker "
+              f"{', '.join(f'{p:.0f}' for p in peaks)} MB (after imports {', '.join(f'{b:.0f}' for b in base)} MB)")
+    mbps, peaks = run_nodes(tmp / "corpus", tmp / "nodes", 2, args.shard_mb)
+    print(f"2 nodes (--node-rank 0, 1)          : {mbps:.2f} MB/s = {mbps / raw2:.2f} x raw on 2 threads; "
+          f"peak RSS per node {', '.join(f'{p:.0f}' for p in peaks)} MB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus-mb", type=int, default=400)
     parser.add_argument("--raw-mb", type=int, default=100, help="text for the raw tiktoken measurement")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--sharded", action="store_true", help="measure a sharded store: Dask workers, node ranks")
+    parser.add_argument("--shard-mb", type=float, default=2.0, help="shard size of --sharded")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gigagpt-bench-prepare-"))
     try:
         (tmp / "corpus").mkdir()
         files, size = make_corpus(tmp / "corpus", args.corpus_mb)
+        if args.sharded:
+            return sharded(args, tmp, files, size)
         raw = raw_tiktoken(files, args.threads, args.raw_mb * 10**6)
         mbps, peak, meta = run_prepare(tmp / "corpus", tmp / "out", args.threads)
         raw_after = raw_tiktoken(files, args.threads, args.raw_mb * 10**6)  # bracket prepare: load drifts

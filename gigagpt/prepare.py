@@ -19,22 +19,27 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import numpy as np
 
 from gigagpt import dataset_folder as folder
 from gigagpt.sources import (  # noqa: F401  (the sources are part of prepare's interface)
     BLOCK_CHARS,
     TEXT_SUFFIXES,
+    _batches,
+    _pieces,
     builtin_documents,
     check_text,
+    describe_skipped,
     file_documents,
+    file_size,
     input_files,
+    parse_extensions,
     text_blocks,
 )
+from gigagpt.token_files import TokenFile, token_dtype  # noqa: F401  (token_dtype: part of the interface)
 from gigagpt.tokenizer import Tokenizer, get_tokenizer
 
 # The unit of the train/val split. Small enough that a ~1 MB file splits with roughly the asked
@@ -43,109 +48,9 @@ from gigagpt.tokenizer import Tokenizer, get_tokenizer
 PIECE_BYTES = 1 << 16
 
 
-def _cut(blocks: Iterable[str | bytes], piece_bytes: int) -> Iterator[tuple[bytes, bool]]:
-    """A document given as blocks of text (or of valid UTF-8) -> (UTF-8 piece, is it the
-    document's last) pairs.
-
-    Each piece but the last holds more than zero and at most ``piece_bytes`` bytes, ending after
-    its last newline when it holds one, else at a character boundary. The last piece is the rest
-    (empty only for an empty document). At most ``piece_bytes`` plus one block is held at a time.
-    """
-    buf = b""
-    for block in blocks:
-        data = block.encode("utf-8", "surrogatepass") if isinstance(block, str) else block
-        buf = buf + data if buf else data
-        pos = 0
-        while len(buf) - pos > piece_bytes:
-            limit = pos + piece_bytes
-            end = buf.rfind(b"\n", pos, limit) + 1
-            if end == 0:  # no newline: back off continuation bytes (10xxxxxx) to a character start
-                end = limit
-                while (buf[end] & 0xC0) == 0x80:
-                    end -= 1
-            yield buf[pos:end], False
-            pos = end
-        buf = buf[pos:]
-    yield buf, True
-
-
-def _pieces(documents: Iterable[tuple[str | Iterable[str], int]], piece_bytes: int
-            ) -> Iterator[tuple[str, int, bool]]:
-    """(piece text, bytes, is it its document's last piece) for every piece of ``documents``.
-
-    A piece's bytes are its UTF-8 length, but the last piece of a document is counted as what is
-    left of the document's given size (so the sizes add up to the input's, for the progress bar).
-    """
-    quick = piece_bytes // 4  # a str of at most this many characters fits in one piece
-    for doc, nbytes in documents:
-        if isinstance(doc, str):
-            if len(doc) <= quick:
-                yield doc, nbytes, True
-                continue
-            data = doc.encode("utf-8", "surrogatepass")  # JSON may hold lone surrogates
-            if len(data) <= piece_bytes:
-                yield doc, nbytes, True
-                continue
-            doc = (data,)
-        counted = 0
-        for piece, last in _cut(doc, piece_bytes):
-            size = max(nbytes - counted, 0) if last else len(piece)
-            counted += size
-            yield piece.decode("utf-8", "surrogatepass"), size, last
-
-
-# -- writing -----------------------------------------------------------------------------------------
-def token_dtype(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-class _TokenFile:
-    """Appends token arrays to ``path`` (inside the temporary folder ``prepare`` commits whole)."""
-
-    def __init__(self, path: Path, dtype: str):
-        self.path = path
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.file = open(path, "wb")
-        self.count, self.max_id = 0, -1
-
-    def write(self, pieces: list[list[int]], ends: list[bool], eot: int) -> None:
-        """Appends ``pieces``, each followed by ``eot`` where ``ends`` says it ends a document."""
-        if not pieces:
-            return
-        total = sum(map(len, pieces)) + sum(ends)
-        if total == 0:
-            return
-        arr = np.fromiter(
-            itertools.chain.from_iterable(
-                itertools.chain(p, (eot,)) if e else p for p, e in zip(pieces, ends)
-            ),
-            self.dtype,
-            total,
-        )
-        arr.tofile(self.file)
-        self.count += total
-        self.max_id = max(self.max_id, int(arr.max()))
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _batches(pieces: Iterable[tuple[str, int, bool]], batch_bytes: int
-             ) -> Iterator[tuple[list[str], list[bool], int]]:
-    batch, ends, size = [], [], 0
-    for text, nbytes, last in pieces:
-        batch.append(text)
-        ends.append(last)
-        size += nbytes
-        if size >= batch_bytes:
-            yield batch, ends, size
-            batch, ends, size = [], [], 0
-    if batch:
-        yield batch, ends, size
-
-
+# -- writing ---------------------------------------------------------------------------------------
 def prepare(
-    documents: Iterable[tuple[str | Iterable[str], int]],
+    documents: Iterable[tuple],
     output: str | os.PathLike,
     tokenizer: Tokenizer,
     val_fraction: float = 0.0005,
@@ -172,10 +77,7 @@ def prepare(
     (:mod:`gigagpt.dataset_folder`); an ``output`` holding a different dataset is refused unless
     ``force``.
     """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    if piece_bytes < 4:
-        raise ValueError(f"--piece-bytes must be at least 4 (one UTF-8 character), got {piece_bytes}")
+    check_settings(val_fraction, piece_bytes)
     out = Path(output)
     recipe = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "val_fraction": val_fraction,
               "seed": seed, "piece_bytes": piece_bytes, "source": source}
@@ -188,19 +90,8 @@ def prepare(
         start = time.perf_counter()
         stats = _tokenize(documents, tmp, tokenizer, val_fraction, seed, num_threads or os.cpu_count() or 1,
                           batch_bytes, _progress(progress, total_bytes), piece_bytes)
-        meta = {
-            "tokenizer": tokenizer.name,
-            # the local ranks file, if any: what the training-time TextSamples load offline
-            "tokenizer_file": tokenizer.source_file,
-            "vocab_size": tokenizer.vocab_size,
-            "eot_token": tokenizer.eot_token,
-            "dtype": token_dtype(tokenizer.vocab_size),
-            **stats,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "source": source,
-            "seconds": round(time.perf_counter() - start, 3),
-        }
+        meta = dataset_meta(tokenizer, stats, val_fraction, seed, source)
+        meta["seconds"] = round(time.perf_counter() - start, 3)
         folder.write_json(tmp / "meta.json", meta)
         folder.commit(tmp, out)
     except BaseException as err:
@@ -215,26 +106,115 @@ def prepare(
     return meta
 
 
-def _tokenize(documents, out: Path, tokenizer: Tokenizer, val_fraction: float, seed: int, num_threads: int,
-              batch_bytes: int, bar: _progress, piece_bytes: int) -> dict:
-    """Writes ``out/{train,val}.bin``; returns their counts for meta.json."""
-    eot = tokenizer.eot_token
-    files = {s: _TokenFile(out / f"{s}.bin", token_dtype(tokenizer.vocab_size)) for s in ("train", "val")}
-    rng = random.Random(seed)
-    n_docs = {"train": 0, "val": 0}
-    n_pieces = {"train": 0, "val": 0}
+def check_settings(val_fraction: float, piece_bytes: int) -> None:
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if piece_bytes < 4:
+        raise ValueError(f"--piece-bytes must be at least 4 (one UTF-8 character), got {piece_bytes}")
+
+
+def dataset_meta(tokenizer: Tokenizer, stats: dict, val_fraction: float, seed: int, source: str) -> dict:
+    """What ``meta.json`` (and a store's manifest) says of the tokens: tokenizer, dtype, counts, recipe."""
+    return {
+        "tokenizer": tokenizer.name,
+        # the local ranks file, if any: what the training-time TextSamples load offline
+        "tokenizer_file": tokenizer.source_file,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_token": tokenizer.eot_token,
+        "dtype": token_dtype(tokenizer.vocab_size),
+        **stats,
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "source": source,
+    }
+
+
+class _Splits:
+    """Pieces' tokens drawn into train or val and appended to ``out/{train,val}.bin``.
+
+    The latest non-empty piece is held back until the next one comes, so :meth:`finish` can give
+    it to a split that would otherwise stay empty.
+    """
+
+    def __init__(self, out: Path, tokenizer: Tokenizer, val_fraction: float, seed: int | str):
+        self.eot, self.val_fraction = tokenizer.eot_token, val_fraction
+        self.files = {s: TokenFile(out / f"{s}.bin", token_dtype(tokenizer.vocab_size)) for s in ("train", "val")}
+        self.rng = random.Random(seed)
+        self.n_docs = {"train": 0, "val": 0}
+        self.n_pieces = {"train": 0, "val": 0}
+        self.held = None  # (ids, ends the document, drawn split) of the latest piece, not yet written
+
+    def write(self, split: str, pieces: list[list[int]], ends: list[bool]) -> None:
+        self.files[split].write(pieces, ends, self.eot)
+        self.n_pieces[split] += len(pieces)
+        self.n_docs[split] += sum(ends)
+
+    def take(self, encoded: list[list[int]], ends: list[bool]) -> None:
+        splits = {"train": ([], []), "val": ([], [])}
+        for ids, last in zip(encoded, ends):
+            drawn = "val" if self.rng.random() < self.val_fraction else "train"
+            if not ids:  # an empty document: only its end-of-text, never the held piece
+                splits[drawn][0].append(ids)
+                splits[drawn][1].append(last)
+                continue
+            if self.held is not None:
+                split_ids, split_ends = splits[self.held[2]]
+                split_ids.append(self.held[0])
+                split_ends.append(self.held[1])
+            self.held = (ids, last, drawn)
+        for split, (pieces, piece_ends) in splits.items():
+            self.write(split, pieces, piece_ends)
+
+    def finish(self, whole: bool, piece_bytes: int) -> None:
+        """Writes the held piece. ``whole``: this is the whole dataset, so neither split may stay
+        empty (a shard of a store may hold no val, or no text at all)."""
+        if self.held is None:
+            if whole:
+                raise ValueError("no training text: the inputs were empty")
+            return
+        if whole and self.val_fraction > 0 and sum(self.n_pieces.values()) == 0:
+            raise ValueError(
+                f"the text fits in one piece (at most {piece_bytes:,} bytes; pieces are the unit of "
+                f"the train/val split), so it cannot be split for --val-fraction {self.val_fraction}: "
+                "give more text, a smaller --piece-bytes, or --val-fraction 0"
+            )
+        ids, last, split = self.held
+        if whole and self.val_fraction > 0 and self.n_pieces["val"] == 0:
+            split = "val"
+        elif whole and self.n_pieces["train"] == 0:
+            split = "train"
+        self.write(split, [ids], [last])
+        if whole and self.files["train"].count == 0:
+            raise ValueError("no training text: the inputs were empty")
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def stats(self, piece_bytes: int, text_bytes: int) -> dict:
+        return {
+            "train_tokens": self.files["train"].count,
+            "val_tokens": self.files["val"].count,
+            "train_documents": self.n_docs["train"],  # documents that end in each split (their end-of-text tokens)
+            "val_documents": self.n_docs["val"],
+            "pieces": dict(self.n_pieces),
+            "piece_bytes": piece_bytes,
+            "train_max_token_id": self.files["train"].max_id,
+            "val_max_token_id": self.files["val"].max_id,
+            "text_bytes": text_bytes,
+        }
+
+
+def _tokenize(documents, out: Path, tokenizer: Tokenizer, val_fraction: float, seed: int | str,
+              num_threads: int, batch_bytes: int, bar: _progress, piece_bytes: int, whole: bool = True) -> dict:
+    """Writes ``out/{train,val}.bin``; returns their counts for meta.json (or a shard's record)."""
+    splits = _Splits(out, tokenizer, val_fraction, seed)
     read = 0
 
     def encode(batch: list[str]) -> list[list[int]]:
         return tokenizer.encode_batch(batch, num_threads=num_threads)
 
-    def write(split: str, pieces: list[list[int]], ends: list[bool]) -> None:
-        files[split].write(pieces, ends, eot)
-        n_pieces[split] += len(pieces)
-        n_docs[split] += sum(ends)
-
     try:
-        held = None  # (ids, ends the document, drawn split) of the latest piece, not yet written
         batches = _batches(_pieces(documents, piece_bytes), batch_bytes)
         with ThreadPoolExecutor(1) as pool:
             pending = None  # encode batch n+1 while batch n is converted and written
@@ -242,54 +222,15 @@ def _tokenize(documents, out: Path, tokenizer: Tokenizer, val_fraction: float, s
                 future = pool.submit(encode, texts) if texts is not None else None
                 if pending is not None:
                     done_ends, done_bytes, done_future = pending
-                    splits = {"train": ([], []), "val": ([], [])}
-                    for ids, last in zip(done_future.result(), done_ends):
-                        drawn = "val" if rng.random() < val_fraction else "train"
-                        if not ids:  # an empty document: only its end-of-text, never the held piece
-                            splits[drawn][0].append(ids)
-                            splits[drawn][1].append(last)
-                            continue
-                        if held is not None:
-                            split_ids, split_ends = splits[held[2]]
-                            split_ids.append(held[0])
-                            split_ends.append(held[1])
-                        held = (ids, last, drawn)
-                    for split, (pieces, piece_ends) in splits.items():
-                        write(split, pieces, piece_ends)
+                    splits.take(done_future.result(), done_ends)
                     read += done_bytes
                     bar.update(read)
                 pending = (ends, nbytes, future) if texts is not None else None
-        if held is None:
-            raise ValueError("no training text: the inputs were empty")
-        if val_fraction > 0 and sum(n_pieces.values()) == 0:
-            raise ValueError(
-                f"the text fits in one piece (at most {piece_bytes:,} bytes; pieces are the unit of "
-                f"the train/val split), so it cannot be split for --val-fraction {val_fraction}: "
-                "give more text, a smaller --piece-bytes, or --val-fraction 0"
-            )
-        ids, last, split = held
-        if val_fraction > 0 and n_pieces["val"] == 0:
-            split = "val"
-        elif n_pieces["train"] == 0:
-            split = "train"
-        write(split, [ids], [last])
-        if files["train"].count == 0:
-            raise ValueError("no training text: the inputs were empty")
+        splits.finish(whole, piece_bytes)
     finally:
-        for f in files.values():
-            f.close()
+        splits.close()
         bar.close()
-    return {
-        "train_tokens": files["train"].count,
-        "val_tokens": files["val"].count,
-        "train_documents": n_docs["train"],  # documents that end in each split (its end-of-text tokens)
-        "val_documents": n_docs["val"],
-        "pieces": dict(n_pieces),
-        "piece_bytes": piece_bytes,
-        "train_max_token_id": files["train"].max_id,
-        "val_max_token_id": files["val"].max_id,
-        "text_bytes": read,
-    }
+    return splits.stats(piece_bytes, read)
 
 
 class _progress:
@@ -322,7 +263,8 @@ class _progress:
 
 # -- command line ------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="*", help="text files, folders of them, or .jsonl files with a 'text' field")
+    parser.add_argument("inputs", nargs="*", help="text files, folders of them, or .jsonl files with a 'text' field; local paths or "
+                        "fsspec URLs (s3://bucket/corpus/ ...)")
     parser.add_argument("--builtin", action="store_true",
                         help="use the built-in corpus (CPython's reference docs); needs no download")
     parser.add_argument("--output", "-o", default=None, help="output folder (default: data/builtin with --builtin)")
@@ -340,34 +282,99 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--force", action="store_true",
                         help="replace a different dataset already in --output (the same one is rebuilt freely)")
+    add_store_arguments(parser)
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ext", default=None,
+                        help="extensions read from folders, comma-separated (default: "
+                             f"{','.join(TEXT_SUFFIXES)}); other files are skipped and counted")
+    store = parser.add_argument_group("sharded store (docs/data.md)")
+    store.add_argument("--shard-mb", type=float, default=None,
+                       help="write a sharded store: shards of about this many MB of text, and manifest.json")
+    store.add_argument("--workers", type=int, default=0,
+                       help="make the shards on a local Dask cluster of this many processes (pip install "
+                            "'gigagpt[data]')")
+    store.add_argument("--scheduler", default=None,
+                       help="make the shards on a running Dask cluster, e.g. tcp://host:8786")
+    store.add_argument("--num-nodes", type=int, default=1,
+                       help="machines sharing the work without a cluster: each makes every N-th shard")
+    store.add_argument("--node-rank", type=int, default=0, help="this machine's rank among --num-nodes")
 
 
 def main(args: argparse.Namespace) -> dict:
     if args.builtin == bool(args.inputs):
         raise SystemExit("gigagpt prepare: give input files/folders, or --builtin (not both)")
+    sharded = (args.shard_mb is not None or args.workers or args.scheduler or args.num_nodes != 1
+               or args.node_rank != 0)
     if args.builtin:
-        output = args.output or "data/builtin"
-        tokenizer = get_tokenizer(args.tokenizer or "bytes")
+        if sharded:
+            raise SystemExit("gigagpt prepare: a sharded store is made from input files, not --builtin")
+        output, spec = args.output or "data/builtin", args.tokenizer or "bytes"
         docs = ((d, len(d.encode("utf-8"))) for d in builtin_documents())
-        total, source = None, "builtin:pydoc_data.topics"
+        files, source = None, "builtin:pydoc_data.topics"
         val_fraction = 0.1 if args.val_fraction is None else args.val_fraction
     else:
         if not args.output:
             raise SystemExit("gigagpt prepare: --output is required with input files")
-        output = args.output
-        files = input_files(args.inputs)
-        tokenizer = get_tokenizer(args.tokenizer or "gpt2")
+        output, spec = args.output, args.tokenizer or "gpt2"
+        files = _input_files(args)
         docs = file_documents(files)
-        total = sum(f.stat().st_size for f in files)
         source = ",".join(str(i) for i in args.inputs)
         val_fraction = 0.0005 if args.val_fraction is None else args.val_fraction
-    meta = prepare(docs, output, tokenizer, val_fraction=val_fraction, seed=args.seed,
-                   num_threads=args.threads, total_bytes=total, piece_bytes=args.piece_bytes,
-                   progress=not args.no_progress and sys.stderr.isatty(), source=source, force=args.force)
+    if sharded:
+        from gigagpt.shards import main as main_store
+
+        return main_store(args, files, output, spec, val_fraction, source)
+    meta = prepare(docs, output, get_tokenizer(spec), val_fraction=val_fraction, seed=args.seed,
+                   num_threads=args.threads, total_bytes=files and sum(map(file_size, files)),
+                   piece_bytes=args.piece_bytes, progress=not args.no_progress and sys.stderr.isatty(),
+                   source=source, force=args.force)
     mb = meta["text_bytes"] / 1e6
     print(
         f"wrote {output}/train.bin ({meta['train_tokens']:,} tokens) and val.bin "
         f"({meta['val_tokens']:,} tokens), {meta['dtype']}, tokenizer {meta['tokenizer']}: "
         f"{mb:.1f} MB of text in {meta['seconds']:.1f} s ({mb / max(meta['seconds'], 1e-9):.1f} MB/s)"
     )
+    warn_small_val(meta["val_tokens"], val_fraction)
     return meta
+
+
+def _input_files(args: argparse.Namespace) -> list[Path]:
+    skipped = Counter()
+    files = input_files(args.inputs, parse_extensions(args.ext) if args.ext else TEXT_SUFFIXES, skipped)
+    if skipped:
+        print(f"skipped {describe_skipped(skipped)} (not read; choose the extensions read with --ext)")
+    return files
+
+
+SMALLEST_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def smallest_val_batch() -> tuple[int, int]:
+    """(batch size, sequence length) of the smallest shipped config (the DataModule's defaults
+    where the configs are not installed)."""
+    try:
+        import yaml
+
+        data = yaml.safe_load(SMALLEST_CONFIG.read_text())["data"]
+        return int(data["batch_size"]), int(data["sequence_length"])
+    except (OSError, KeyError, TypeError, ValueError, ImportError):
+        import inspect
+
+        from gigagpt.data import GPTDataModule
+
+        params = inspect.signature(GPTDataModule).parameters
+        return params["batch_size"].default, params["sequence_length"].default
+
+
+def warn_small_val(val_tokens: int, val_fraction: float) -> None:
+    """One line when validation would refuse the split: fewer tokens than one batch of windows."""
+    if val_fraction <= 0:
+        return
+    batch, seq = smallest_val_batch()
+    need = batch * seq + 1  # `batch` windows of `seq` tokens, each with its next token as label
+    if val_tokens < need:
+        print(f"gigagpt prepare: warning: the validation split holds {val_tokens:,} tokens, fewer than one batch "
+              f"of {SMALLEST_CONFIG.stem} ({batch} x {seq} + 1 = {need:,}); raise --val-fraction (now "
+              f"{val_fraction}) or validation will refuse it", file=sys.stderr)

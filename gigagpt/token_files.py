@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -53,6 +54,42 @@ def open_tokens(path: str | os.PathLike, dtype: str = "uint16") -> np.memmap:
 
 def max_token_id(tokens: np.ndarray, chunk: int = 1 << 24) -> int:
     return int(max(tokens[i : i + chunk].max() for i in range(0, len(tokens), chunk)))
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+class TokenFile:
+    """Appends token arrays to ``path`` (inside a temporary folder, put in place whole when complete)."""
+
+    def __init__(self, path: Path, dtype: str):
+        self.path = path
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.file = open(path, "wb")
+        self.count, self.max_id = 0, -1
+
+    def write(self, pieces: list[list[int]], ends: list[bool], eot: int) -> None:
+        """Appends ``pieces``, each followed by ``eot`` where ``ends`` says it ends a document."""
+        if not pieces:
+            return
+        total = sum(map(len, pieces)) + sum(ends)
+        if total == 0:
+            return
+        arr = np.fromiter(
+            itertools.chain.from_iterable(
+                itertools.chain(p, (eot,)) if e else p for p, e in zip(pieces, ends)
+            ),
+            self.dtype,
+            total,
+        )
+        arr.tofile(self.file)
+        self.count += total
+        self.max_id = max(self.max_id, int(arr.max()))
+
+    def close(self) -> None:
+        self.file.close()
 
 
 # -- meta.json checked against the files -------------------------------------------------------------

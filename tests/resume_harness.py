@@ -106,17 +106,17 @@ def make_trainer(root: Path, max_steps: int, callbacks=(), checkpoint_io=None, *
     return L.Trainer(**kwargs)
 
 
-def make_module_and_data(data: Path) -> tuple[GPTModule, GPTDataModule]:
+def make_module_and_data(data: Path | str, **data_options) -> tuple[GPTModule, GPTDataModule]:
     L.seed_everything(1337, verbose=False)
     module = GPTModule(config=CONFIG, optim=OptimConfig(lr=3e-3, warmup_steps=3, min_lr_ratio=0.1))
-    dm = GPTDataModule(path=str(data), sequence_length=SEQ, batch_size=BATCH, seed=7, val_batches=2)
+    dm = GPTDataModule(path=str(data), sequence_length=SEQ, batch_size=BATCH, seed=7, val_batches=2, **data_options)
     return module, dm
 
 
-def fit(root: Path, data: Path, max_steps: int, ckpt_path=None, callbacks=(), checkpoint_io=None,
-        **overrides) -> L.Trainer:
+def fit(root: Path, data: Path | str, max_steps: int, ckpt_path=None, callbacks=(), checkpoint_io=None,
+        data_options: dict | None = None, **overrides) -> L.Trainer:
     torch.set_num_threads(1)
-    module, dm = make_module_and_data(data)
+    module, dm = make_module_and_data(data, **(data_options or {}))
     trainer = make_trainer(root, max_steps, callbacks, checkpoint_io, **overrides)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer

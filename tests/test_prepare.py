@@ -350,3 +350,54 @@ def test_binary_inputs_and_non_string_jsonl_text_are_refused(tmp_path):
     (tmp_path / "b.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match="b.jsonl:1: not valid UTF-8"):
         list(file_documents([tmp_path / "b.jsonl"]))
+
+
+# -- folders: what is read, what is skipped; a validation split too small to use ------------------------
+def _corpus_text(nbytes: int) -> str:
+    return "\n".join(builtin_documents())[:nbytes]
+
+
+def test_a_folder_reports_the_files_it_skipped_by_kind(tmp_path, capsys):
+    from gigagpt.commands import main
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text(_corpus_text(20_000))
+    for name in ("x.py", "y.py", "sub/z.py"):
+        (src / name).write_text("print(1)\n")
+    (src / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    main(["prepare", str(src), "--output", str(tmp_path / "out"), "--tokenizer", "bytes", "--val-fraction", "0",
+          "--no-progress"])
+    out = capsys.readouterr().out
+    assert "skipped 3 .py, 1 .png" in out
+
+
+def test_ext_chooses_the_extensions_read_from_a_folder(tmp_path, capsys):
+    from gigagpt.commands import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text(_corpus_text(5_000))
+    (src / "b.py").write_text(_corpus_text(3_000))
+    (src / "c.rst").write_text(_corpus_text(2_000))
+    main(["prepare", str(src), "--output", str(tmp_path / "out"), "--tokenizer", "bytes", "--val-fraction", "0",
+          "--ext", ".py,rst", "--no-progress"])
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["text_bytes"] == (src / "b.py").stat().st_size + (src / "c.rst").stat().st_size
+    assert "skipped 1 .txt" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--ext"):
+        main(["prepare", str(src), "--output", str(tmp_path / "out2"), "--ext", ",", "--no-progress"])
+
+
+def test_a_validation_split_smaller_than_one_batch_is_warned_of_naming_val_fraction(tmp_path, capsys):
+    from gigagpt.commands import main
+
+    text = tmp_path / "a.txt"
+    text.write_text(_corpus_text(100_000))
+    common = [str(text), "--tokenizer", "bytes", "--piece-bytes", "1024", "--no-progress"]
+    main(["prepare", *common, "--output", str(tmp_path / "small"), "--val-fraction", "0.01"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warning" in err[0] and "--val-fraction" in err[0], err
+    assert "16 x 256 + 1" in err[0]  # configs/tiny.yaml's batch
+    main(["prepare", *common, "--output", str(tmp_path / "enough"), "--val-fraction", "0.2"])
+    assert capsys.readouterr().err == ""

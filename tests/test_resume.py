@@ -170,3 +170,58 @@ def test_kill9_during_checkpoint_write_resumes_from_last_complete(reference, bui
     assert not partial.exists(), "the next write of last.ckpt removes the stale temporary file"
     assert last_step(tmp_path) == 15  # the last checkpoint step (every 3) of the resumed run
     assert_same_run(reference, H.read_record(tmp_path))
+
+
+# -- the same run from a sharded token store ----------------------------------------------------------
+SHARD_TOKENS = 10_000  # the built-in corpus's ~420k training tokens in ~42 shards; windows cross shard ends
+
+
+@pytest.fixture(scope="module")
+def builtin_shards(builtin_bytes, tmp_path_factory) -> Path:
+    """``builtin_bytes`` cut into a sharded store: the same token streams, in many files."""
+    from gigagpt.shards import split_dataset
+
+    out = tmp_path_factory.mktemp("builtin_shards")
+    manifest = split_dataset(builtin_bytes, out, SHARD_TOKENS)
+    assert len(manifest["shards"]["train"]) > 20
+    return out
+
+
+def test_sharded_store_trains_like_the_single_file(reference, builtin_shards, tmp_path):
+    """Every per-step training loss and validation loss equals the single-file run's."""
+    H.fit(tmp_path, builtin_shards, MAX_STEPS)
+    assert_same_run(reference, H.read_record(tmp_path))
+
+
+def test_crash_then_resume_from_a_sharded_store_is_exact(reference, builtin_shards, tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        H.fit(tmp_path, builtin_shards, MAX_STEPS, callbacks=[Crash(7)])
+    assert last_step(tmp_path) == 6
+    H.fit(tmp_path, builtin_shards, MAX_STEPS, ckpt_path="last")
+    assert_same_run(reference, H.read_record(tmp_path))
+
+
+def test_remote_store_trains_like_the_single_file_within_its_cache(reference, builtin_shards, tmp_path):
+    """The store in an fsspec file system (``memory://``, in this process): shards are fetched into
+    a local cache bounded to 3 shards' bytes, and the run is the single-file run."""
+    import fsspec
+
+    from gigagpt.store import ShardCache
+
+    url = f"memory://gigagpt-test-{os.getpid()}/store"
+    fs = fsspec.filesystem("memory")
+    fs.put(str(builtin_shards), url.removeprefix("memory://"), recursive=True)
+    cache, limit = tmp_path / "cache", 3 * 2 * SHARD_TOKENS  # uint16: 2 bytes a token
+    sizes = []
+
+    class Watch(L.Callback):
+        def on_train_batch_end(self, *args):
+            sizes.append(ShardCache(cache, limit).cached_bytes())
+
+    try:
+        H.fit(tmp_path, url, MAX_STEPS, callbacks=[Watch()],
+              data_options={"cache_dir": str(cache), "cache_gb": limit / 1e9})
+    finally:
+        fs.rm(url.removeprefix("memory://"), recursive=True)
+    assert_same_run(reference, H.read_record(tmp_path))
+    assert 0 < max(sizes) <= limit, sizes

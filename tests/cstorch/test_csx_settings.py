@@ -108,6 +108,29 @@ def test_each_system_evaluates_its_own_windows(builtin_bytes, num_csx, workers):
     assert sorted(seen) == list(range(16))
 
 
+def test_input_workers_read_a_sharded_store_like_the_single_file(builtin_bytes, tmp_path):
+    """The same data as shards: each input worker streams the same batches, from plain picklable
+    arguments, and maps only the shards its windows touch."""
+    import pickle
+
+    from accelerators.data import train_loader_for
+    from gigagpt.shards import split_dataset
+
+    split_dataset(builtin_bytes, tmp_path, 10_000)
+    cluster = {"num_csx": 2, "workers_per_csx": 2, "cluster_tokens": True}
+    single, sharded = _train_args(builtin_bytes, 8), _train_args(tmp_path, 8)
+    assert isinstance(sharded["path"], list) and len(sharded["path"]) > 20
+    pickle.dumps(sharded)
+    for position in [(0, 0), (1, 1)]:
+        a = iter(train_loader_for({**single, **cluster}, position))
+        loader = train_loader_for({**sharded, **cluster}, position)
+        b = iter(loader)
+        for _ in range(3):
+            (xa, ya), (xb, yb) = next(a), next(b)
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert 0 < len(loader.dataset.tokens._open) <= 3 * 4 * 2  # 3 batches of 4 windows, each in 1-2 shards
+
+
 def test_throughput_on_cerebras_reports_no_host_mfu():
     """Point 11: on a Cerebras strategy the MFU is n/a, never a host-CPU matmul probe."""
     import lightning as L
