@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 from gigagpt.accelerators import private
 from gigagpt.accelerators.bridge_errors import CerebrasClusterError, CerebrasError, import_cstorch
-from gigagpt.accelerators.data import (
+from gigagpt.accelerators.feeding import (
     Stream,
     cerebras_eval_factory,
     cerebras_train_loader,

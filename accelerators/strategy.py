@@ -10,7 +10,7 @@ What happens where (one concern a file):
 - :mod:`gigagpt.accelerators.capture`: logs and metric updates leave the device by repeating step closures
   that know their true step.
 - :mod:`gigagpt.accelerators.checkpointing`: no-argument checkpoint closures, queued saves, the final step.
-- :mod:`gigagpt.accelerators.schedule`: cstorch's AdamW and schedule; :mod:`gigagpt.accelerators.data`: input
+- :mod:`gigagpt.accelerators.schedule`: cstorch's AdamW and schedule; :mod:`gigagpt.accelerators.feeding`: input
   functions of the cluster's workers.
 
 On CSX the traced body runs on the first step of each executor only; later steps replay the

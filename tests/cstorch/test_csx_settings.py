@@ -64,7 +64,7 @@ def _train_args(data: Path, batch: int) -> dict:
 def test_every_window_read_once_over_validations_and_a_resume(builtin_bytes, num_csx, workers):
     """Point 10: executors [0,7), [7,14), then a resume at 14 for [14,23): each global step's windows
     are read exactly once, by the system and worker the appliance deals that step to."""
-    from gigagpt.accelerators.data import train_loader_for
+    from gigagpt.accelerators.feeding import train_loader_for
 
     steps, batch = 23, 8
     base = _train_args(builtin_bytes, batch)
@@ -93,7 +93,7 @@ def _windows(args, inputs) -> list[int]:
 @pytest.mark.parametrize("num_csx,workers", [(2, 1), (2, 2)])
 def test_each_system_evaluates_its_own_windows(builtin_bytes, num_csx, workers):
     """Point 10: with num_csx > 1 the systems split every evaluation batch, none reads a window twice."""
-    from gigagpt.accelerators.data import eval_loader_for
+    from gigagpt.accelerators.feeding import eval_loader_for
 
     base = _train_args(builtin_bytes, 4)
     args = {"path": base["path"].replace("train", "val"), "sequence_length": 64, "batch_size": 4,
@@ -113,7 +113,7 @@ def test_input_workers_read_a_sharded_store_like_the_single_file(builtin_bytes, 
     arguments, and maps only the shards its windows touch."""
     import pickle
 
-    from accelerators.data import train_loader_for
+    from gigagpt.accelerators.feeding import train_loader_for
     from gigagpt.shards import split_dataset
 
     split_dataset(builtin_bytes, tmp_path, 10_000)
