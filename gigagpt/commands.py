@@ -24,7 +24,7 @@ from pathlib import Path
 
 # name -> (module exposing add_arguments(parser) and main(args), help)
 EXTRA_COMMANDS = {
-    "prepare": ("gigagpt.prepare", "tokenize text into train.bin / val.bin"),
+    "prepare": ("gigagpt.prepare_command", "tokenize text into train.bin / val.bin"),
     "sample": ("gigagpt.sample", "generate text from a checkpoint"),
     "export": ("gigagpt.commands", "convert checkpoints (Lightning .ckpt, Cerebras .mdl, Hugging Face)"),
     "plot": ("gigagpt.plot", "plot loss and learning-rate curves of a run"),

@@ -143,10 +143,14 @@ def training_record(files) -> dict | None:
     meta = getattr(files, "meta", None)
     if not isinstance(meta, dict) or not meta.get("tokenizer"):
         return None
-    folder = Path(files.train).resolve().parent
-    record = {"name": str(meta["tokenizer"]), "data": str(folder)}
+    train = files.train  # a token file, or a store's shards [[location, tokens], ...]
+    first = train[0][0] if isinstance(train, list) and train else train
+    folder = Path(first).resolve().parent if isinstance(first, str) and "://" not in first else None
+    record = {"name": str(meta["tokenizer"])}
+    if folder is not None:
+        record["data"] = str(folder)
     local = meta.get("tokenizer_file")
-    if local:
+    if local and (folder is not None or Path(local).is_absolute()):
         path = Path(local) if Path(local).is_absolute() else folder / local
         record["file"] = str(path.resolve())
         if path.is_file():

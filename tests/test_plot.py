@@ -157,7 +157,7 @@ def _drawn_figure(monkeypatch, *args):
     """Run ``gigagpt plot ARGS`` and return the figure it saved, drawn (tick labels computed)."""
     from matplotlib.figure import Figure
 
-    from gigagpt.cli import cli_main
+    from gigagpt.commands import main as gigagpt_main
 
     saved, original = [], Figure.savefig
 
@@ -166,7 +166,7 @@ def _drawn_figure(monkeypatch, *args):
         return original(fig, *a, **kw)
 
     monkeypatch.setattr(Figure, "savefig", keep)
-    cli_main(["plot", *map(str, args)])
+    gigagpt_main(["plot", *map(str, args)])
     fig = saved[-1]
     fig.canvas.draw()
     return fig
