@@ -53,16 +53,7 @@ demo() {
   "$py" -m gigagpt sample runs/tiny/checkpoints/last.ckpt --prompt "The for statement" --max-new-tokens 300
 }
 
-tests() {
-  core_env
-  log "core environment: $("$CORE_VENV/bin/python" -c 'import torch, numpy, lightning; print("torch", torch.__version__, "numpy", numpy.__version__, "lightning", lightning.__version__)')"
-  "$CORE_VENV/bin/python" -m ruff check gigagpt accelerators callbacks tests benchmarks
-  "$CORE_VENV/bin/python" -m pytest tests --ignore=tests/cstorch "$@"
-  if [[ ${GIGAGPT_SKIP_CSTORCH:-0} == 1 ]]; then
-    log "GIGAGPT_SKIP_CSTORCH=1: skipping the cstorch environment"
-    return
-  fi
-  cs_env
+cs_suites() {
   log "cstorch environment: $("$CS_VENV/bin/python" -c 'import torch, numpy, lightning; print("torch", torch.__version__, "numpy", numpy.__version__, "lightning", lightning.__version__)')"
   # CSX lowering runs torch-cirh-opt from the environment's bin/.
   # The cstorch tests, and the library-level suites again on torch 2.4 + numpy 1.25 (the command-line
@@ -72,6 +63,31 @@ tests() {
   if [[ ${GIGAGPT_SKIP_CSX_SIZES:-0} != 1 ]]; then
     GIGAGPT_CSX_SIZES=1 PATH="$PWD/$CS_VENV/bin:$PATH" "$CS_VENV/bin/python" -m pytest tests/cstorch/test_csx_sizes.py "$@"
   fi
+}
+
+tests() {
+  core_env
+  log "core environment: $("$CORE_VENV/bin/python" -c 'import torch, numpy, lightning; print("torch", torch.__version__, "numpy", numpy.__version__, "lightning", lightning.__version__)')"
+  "$CORE_VENV/bin/python" -m ruff check gigagpt accelerators callbacks tests benchmarks
+  if [[ ${GIGAGPT_SKIP_CSTORCH:-0} == 1 ]]; then
+    log "GIGAGPT_SKIP_CSTORCH=1: skipping the cstorch environment"
+    "$CORE_VENV/bin/python" -m pytest tests --ignore=tests/cstorch "$@"
+    return
+  fi
+  cs_env
+  # The two environments' suites run side by side, one thread each: most of their time is one busy
+  # core (interpreter start-up, Python-level loops), so two cores finish both in about the longer one.
+  local cs_log cs_pid core_rc=0 cs_rc=0
+  cs_log=$(mktemp)
+  export OMP_NUM_THREADS=1 GIGAGPT_TEST_THREADS=1
+  cs_suites "$@" > "$cs_log" 2>&1 &
+  cs_pid=$!
+  "$CORE_VENV/bin/python" -m pytest tests --ignore=tests/cstorch "$@" || core_rc=$?
+  wait "$cs_pid" || cs_rc=$?
+  cat "$cs_log"
+  rm -f "$cs_log"
+  log "core environment suite: exit $core_rc; cstorch environment suites: exit $cs_rc"
+  [[ $core_rc == 0 && $cs_rc == 0 ]]
 }
 
 case "${1:-}" in

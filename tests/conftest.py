@@ -20,7 +20,8 @@ from gigagpt.tokenizer import bytes_tokenizer, gpt2_from_file
 ROOT = Path(__file__).resolve().parents[1]
 GPT2_TIKTOKEN = ROOT / "tests" / "data" / "gpt2.tiktoken"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# GIGAGPT_TEST_THREADS: run.sh runs two suites side by side, one thread each
+torch.set_num_threads(int(os.environ.get("GIGAGPT_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="module")
