@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -17,12 +19,19 @@ import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from gigagpt.accelerators.bridge_errors import CerebrasError
-from gigagpt.callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRichProgressBar, ThroughputMFU
+from gigagpt.callbacks import (
+    GPTSummary,
+    NonFiniteGuard,
+    StepSeed,
+    TextSamples,
+    ThrottledRichProgressBar,
+    ThroughputMFU,
+)
 from gigagpt.checkpoint import AtomicCheckpointIO
 from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.errors import ConfigError
@@ -40,6 +49,28 @@ from gigagpt.run_folder import (
 )
 
 TRAINER_COMMANDS = ("fit", "validate", "test")
+
+
+class _DropLightningNotes(logging.Filter):
+    """Lightning's advertisements for its cloud services (litlogger, litmodels) on every run, and its note
+    that gigagpt's own model summary (``GPTSummary``) replaces the default one."""
+
+    NOTES = ("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud",
+             "Trainer already configured with model summary callbacks: [<class 'gigagpt.callbacks.summary.GPTSummary'>]")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTES)
+
+
+def quiet_known_noise() -> None:
+    """Known messages that tell a gigagpt user nothing they can act on, each matched exactly."""
+    # torch 2.13 deprecates LeafSpec, which Lightning 2.6's own pytree helper still builds.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningNotes())
+
+
+quiet_known_noise()
 MAX_SEED = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything and data.seed feed
 
 
@@ -76,9 +107,9 @@ class GigaCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         if self._get(self.config_init, "trainer", default={}).get("enable_progress_bar") is False:
             # The default rich bar would make Lightning refuse --trainer.enable_progress_bar false.
-            defaults = self.trainer_defaults.get("callbacks") or []
-            self.trainer_defaults = {**self.trainer_defaults,
-                                     "callbacks": [c for c in defaults if not isinstance(c, ProgressBar)]}
+            self._drop_default(ProgressBar)
+        if self._get(self.config_init, "trainer", default={}).get("enable_model_summary") is False:
+            self._drop_default(ModelSummary)
         apply_cpu_precision(self._get(self.config_init, "trainer", default={}), self.subcommand)
         try:
             trainer = super().instantiate_trainer(**kwargs)
@@ -90,6 +121,11 @@ class GigaCLI(LightningCLI):
         # Before the loggers make their folders: a refused run leaves nothing behind.
         check_run(self.subcommand, self.model, trainer)
         return trainer
+
+    def _drop_default(self, kind: type) -> None:
+        defaults = self.trainer_defaults.get("callbacks") or []
+        self.trainer_defaults = {**self.trainer_defaults,
+                                 "callbacks": [c for c in defaults if not isinstance(c, kind)]}
 
     def _set_seed(self) -> None:
         seed = self._get(self.config, "seed_everything")
@@ -175,6 +211,9 @@ class GigaCLI(LightningCLI):
         rank_zero_info(f"gigagpt: resuming from {path} (step {info['step']}; --resume never to start fresh)")
         config["ckpt_path"] = str(path)
         _overwrite_own_names(self.trainer)
+        # A resumed run writes into its own folder: Lightning's "not empty" warning is for a fresh run.
+        warnings.filterwarnings("ignore", message=rf"Checkpoint directory {re.escape(str(path.parent.resolve()))} exists "
+                                "and is not empty")
 
     def after_fit(self) -> None:
         for lock in getattr(self, "_run_locks", []):
@@ -276,7 +315,7 @@ def cli_main(argv: list[str] | None = None, run: bool = True,
             args=args,
             run=run,
             auto_configure_optimizers=False,  # the optimizer and schedule are model.optim (OptimConfig)
-            trainer_defaults={"callbacks": [ThrottledRichProgressBar()]},
+            trainer_defaults={"callbacks": [ThrottledRichProgressBar(), GPTSummary()]},
             parser_kwargs={
                 # a wrong argument is one line (cli_main), the usage only on --help
                 "exit_on_error": False,
