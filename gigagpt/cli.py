@@ -7,11 +7,9 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 import sys
-import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from gigagpt.errors import ConfigError
 from gigagpt.machine import apply_cpu_precision
 from gigagpt.model import SHAPE_FIELDS, GPTConfig
 from gigagpt.module import GPTModule
+from gigagpt.quiet import quiet_known_noise, quiet_resumed_folder
 from gigagpt.run_folder import (
     RunLock,
     cstorch_optimizer_state,
@@ -49,25 +48,6 @@ from gigagpt.run_folder import (
 )
 
 TRAINER_COMMANDS = ("fit", "validate", "test")
-
-
-class _DropLightningNotes(logging.Filter):
-    """Lightning's advertisements for its cloud services (litlogger, litmodels) on every run, and its note
-    that gigagpt's own model summary (``GPTSummary``) replaces the default one."""
-
-    NOTES = ("\N{ELECTRIC LIGHT BULB} Tip: For seamless cloud",
-             "Trainer already configured with model summary callbacks: [<class 'gigagpt.callbacks.summary.GPTSummary'>]")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.NOTES)
-
-
-def quiet_known_noise() -> None:
-    """Known messages that tell a gigagpt user nothing they can act on, each matched exactly."""
-    # torch 2.13 deprecates LeafSpec, which Lightning 2.6's own pytree helper still builds.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                            category=FutureWarning)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningNotes())
 
 
 quiet_known_noise()
@@ -102,6 +82,11 @@ class GigaCLI(LightningCLI):
             "--resume", choices=("auto", "never"), default="auto",
             help="fit: with 'auto' and no --ckpt_path, continue from the last checkpoint in "
             "checkpoint.dirpath when one exists; 'never' always starts fresh",
+        )
+        parser.add_argument(
+            "--untrained", type=bool, default=False,
+            help="validate/test: with no --ckpt_path and no checkpoint in checkpoint.dirpath, evaluate the "
+            "model's initial (untrained) weights instead of refusing",
         )
 
     def instantiate_trainer(self, **kwargs):
@@ -211,9 +196,11 @@ class GigaCLI(LightningCLI):
         rank_zero_info(f"gigagpt: resuming from {path} (step {info['step']}; --resume never to start fresh)")
         config["ckpt_path"] = str(path)
         _overwrite_own_names(self.trainer)
-        # A resumed run writes into its own folder: Lightning's "not empty" warning is for a fresh run.
-        warnings.filterwarnings("ignore", message=rf"Checkpoint directory {re.escape(str(path.parent.resolve()))} exists "
-                                "and is not empty")
+        quiet_resumed_folder(path.parent)
+        if 0 <= self.trainer.max_steps <= info["step"]:
+            rank_zero_info(f"gigagpt: {path} is at step {info['step']} and trainer.max_steps is "
+                           f"{self.trainer.max_steps}: nothing left to train; raise trainer.max_steps to train on, "
+                           "or start fresh with --resume never")
 
     def after_fit(self) -> None:
         for lock in getattr(self, "_run_locks", []):
@@ -231,14 +218,48 @@ class GigaCLI(LightningCLI):
                               "the plain Trainer, which cstorch's optimizer does not continue; continue it without "
                               "the Cerebras configs, or start fresh with --resume never (or another "
                               "checkpoint.dirpath)")
+        self._refuse_other_model(path, info, "resume from", "resume with the model.config it was trained "
+                                 "with, or start fresh with --resume never (or another checkpoint.dirpath)")
+
+    def _refuse_other_model(self, path: Path, info: dict, action: str, fix: str) -> None:
         config = getattr(self.model, "config", None)
-        if info["hdf5"] or config is None:
-            return
-        differences = shape_differences(path, config)
+        differences = [] if info["hdf5"] or config is None else shape_differences(path, config)
         if differences:
-            raise ConfigError(f"cannot resume from {path}: it holds a different model "
-                              f"({', '.join(differences)}); resume with the model.config it was trained "
-                              "with, or start fresh with --resume never (or another checkpoint.dirpath)")
+            raise ConfigError(f"cannot {action} {path}: it holds a different model ({', '.join(differences)}); {fix}")
+
+    def before_validate(self) -> None:
+        self._evaluated_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._evaluated_checkpoint("test")
+
+    def _evaluated_checkpoint(self, subcommand: str) -> None:
+        """Without ``--ckpt_path``, ``validate``/``test`` evaluate the run's newest complete checkpoint, as
+        ``fit`` resumes from it; with none, they refuse rather than report the loss of random weights."""
+        config = self.config_init[subcommand]
+        if config.get("ckpt_path") is not None:
+            return
+        folders = checkpoint_dirs(self.trainer)
+        path, info, broken = newest_complete_checkpoint(folders)
+        if path is None:
+            if config.get("untrained"):
+                rank_zero_info(f"gigagpt: {subcommand} evaluates the model's initial (untrained) weights "
+                               "(--untrained true)")
+                return
+            where = " or ".join(str(f) for f in folders) or "the run (no checkpoint.dirpath)"
+            unusable = f" ({len(broken)} incomplete or unreadable)" if broken else ""
+            raise ConfigError(f"{subcommand}: no complete checkpoint in {where}{unusable}, so it would evaluate "
+                              "untrained weights; pass --ckpt_path FILE, train first with gigagpt fit (same "
+                              "config), or add --untrained true to evaluate the initial weights")
+        if info["hdf5"] and "Cerebras" not in type(self.trainer.strategy).__name__:
+            raise ConfigError(f"{subcommand}: the run's newest checkpoint {path} is a Cerebras .mdl; evaluate it "
+                              "with the Cerebras accelerator, or convert it (gigagpt export "
+                              f"{path} {path.with_suffix('.ckpt')}) and pass --ckpt_path")
+        self._refuse_other_model(path, info, "evaluate", "use the model.config it was trained with, or pass "
+                                 "--ckpt_path")
+        rank_zero_info(f"gigagpt: {subcommand} evaluates {path} (step {info['step']}; --ckpt_path to choose "
+                       "another)")
+        config["ckpt_path"] = str(path)
 
 
 def check_run(subcommand: str | None, model, trainer) -> None:
