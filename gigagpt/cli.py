@@ -46,6 +46,7 @@ from gigagpt.run_folder import (
     saved_model_config,
     shape_differences,
 )
+from gigagpt.token_files import read_meta
 
 TRAINER_COMMANDS = ("fit", "validate", "test")
 
@@ -111,6 +112,16 @@ class GigaCLI(LightningCLI):
         defaults = self.trainer_defaults.get("callbacks") or []
         self.trainer_defaults = {**self.trainer_defaults,
                                  "callbacks": [c for c in defaults if not isinstance(c, kind)]}
+
+    def parse_arguments(self, parser, args) -> None:
+        self._argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if not config.get("ckpt_path"):  # a given checkpoint decides the shape (_parse_ckpt_path)
+            vocabulary_from_data(config, self._argv)
 
     def _set_seed(self) -> None:
         seed = self._get(self.config, "seed_everything")
@@ -260,6 +271,41 @@ class GigaCLI(LightningCLI):
         rank_zero_info(f"gigagpt: {subcommand} evaluates {path} (step {info['step']}; --ckpt_path to choose "
                        "another)")
         config["ckpt_path"] = str(path)
+
+
+def vocabulary_from_data(config: Namespace, argv: list[str]) -> None:
+    """``model.config.vocab_size`` follows the data's ``meta.json`` unless it is set on the command line or
+    in a config file given (then a mismatch is the data module's clear error)."""
+    data, model = config.get("data") or {}, config.get("model")
+    path = data.get("path") if hasattr(data, "get") else None
+    if model is None or not path or "://" in str(path) or _sets_vocab_size(argv):
+        return
+    vocab = read_meta(path).get("vocab_size") if Path(path, "meta.json").is_file() else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
+        return
+    if model.get("config") is None:
+        model["config"] = Namespace(**GPTConfig.from_name("tiny").to_dict())
+    if model["config"].get("vocab_size") != vocab:
+        rank_zero_info(f"gigagpt: model.config.vocab_size {vocab}, from {Path(path) / 'meta.json'} (set "
+                       "model.config.vocab_size to pin it)")
+        model["config"]["vocab_size"] = vocab
+
+
+def _sets_vocab_size(argv: list[str]) -> bool:
+    if any(arg.split("=", 1)[0] == "--model.config.vocab_size" for arg in argv):
+        return True
+    import yaml
+
+    for path in _config_files(argv):
+        try:
+            settings = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        model = settings.get("model") if isinstance(settings, dict) else None
+        model_config = model.get("config") if isinstance(model, dict) else None
+        if isinstance(model_config, dict) and "vocab_size" in model_config:
+            return True
+    return False
 
 
 def check_run(subcommand: str | None, model, trainer) -> None:

@@ -303,3 +303,15 @@ def test_resumed_run_with_nothing_left_to_train_says_so(trained, builtin_bytes, 
               "--trainer.limit_val_batches", "1"])
     said = capsys.readouterr().err + caplog.text
     assert "nothing left to train" in said and "trainer.max_steps" in said
+
+
+def test_vocabulary_follows_the_data_unless_set(builtin_gpt2, builtin_bytes, tmp_path):
+    small = ["--model.config.width", "32", "--model.config.heads", "2", "--model.config.depth", "1",
+             "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--samples.every_n_steps", "0"]
+    cli = cli_main(["fit", *trainer_args(builtin_gpt2, tmp_path / "bpe"), *small])  # tiny.yaml: byte-level
+    assert cli.model.config.vocab_size == 50257
+    bpe = str(ROOT / "configs" / "tiny-bpe.yaml")
+    cli = cli_main([bpe if a == TINY else a for a in trainer_args(builtin_bytes, tmp_path / "bytes")], run=False)
+    assert cli.model.config.vocab_size == 256
+    with pytest.raises(SystemExit, match=r"set model.config.vocab_size >= 50257"):
+        cli_main(["fit", *trainer_args(builtin_gpt2, tmp_path / "set"), *small, "--model.config.vocab_size", "256"])
