@@ -7,13 +7,11 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -31,6 +29,7 @@ from gigagpt.callbacks import (
     ThroughputMFU,
 )
 from gigagpt.checkpoint import AtomicCheckpointIO
+from gigagpt.cli_errors import TRAINER_COMMANDS, argument_error, config_error, no_gpu_hint, os_error
 from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.errors import ConfigError
 from gigagpt.machine import apply_cpu_precision
@@ -46,10 +45,7 @@ from gigagpt.run_folder import (
     saved_model_config,
     shape_differences,
 )
-from gigagpt.token_files import read_meta
-
-TRAINER_COMMANDS = ("fit", "validate", "test")
-
+from gigagpt.run_settings import run_folders, vocabulary_from_data
 
 quiet_known_noise()
 MAX_SEED = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything and data.seed feed
@@ -85,6 +81,11 @@ class GigaCLI(LightningCLI):
             "checkpoint.dirpath when one exists; 'never' always starts fresh",
         )
         parser.add_argument(
+            "--run", type=str | None, default=None,
+            help="the run's folder: trainer.default_root_dir, the CSV and TensorBoard logs (RUN/logs, "
+            "RUN/tensorboard) and checkpoint.dirpath (RUN/checkpoints) follow it unless set themselves",
+        )
+        parser.add_argument(
             "--untrained", type=bool, default=False,
             help="validate/test: with no --ckpt_path and no checkpoint in checkpoint.dirpath, evaluate the "
             "model's initial (untrained) weights instead of refusing",
@@ -100,7 +101,7 @@ class GigaCLI(LightningCLI):
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:  # Lightning refusing a Trainer setting
-            raise ConfigError(f"trainer settings: {err}{_no_gpu_hint(err)}") from err
+            raise ConfigError(f"trainer settings: {err}{no_gpu_hint(err)}") from err
         # Atomic, fsynced checkpoint files wherever Lightning's default writer would be used.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -120,6 +121,7 @@ class GigaCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        run_folders(config)
         if not config.get("ckpt_path"):  # a given checkpoint decides the shape (_parse_ckpt_path)
             vocabulary_from_data(config, self._argv)
 
@@ -273,41 +275,6 @@ class GigaCLI(LightningCLI):
         config["ckpt_path"] = str(path)
 
 
-def vocabulary_from_data(config: Namespace, argv: list[str]) -> None:
-    """``model.config.vocab_size`` follows the data's ``meta.json`` unless it is set on the command line or
-    in a config file given (then a mismatch is the data module's clear error)."""
-    data, model = config.get("data") or {}, config.get("model")
-    path = data.get("path") if hasattr(data, "get") else None
-    if model is None or not path or "://" in str(path) or _sets_vocab_size(argv):
-        return
-    vocab = read_meta(path).get("vocab_size") if Path(path, "meta.json").is_file() else None
-    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
-        return
-    if model.get("config") is None:
-        model["config"] = Namespace(**GPTConfig.from_name("tiny").to_dict())
-    if model["config"].get("vocab_size") != vocab:
-        rank_zero_info(f"gigagpt: model.config.vocab_size {vocab}, from {Path(path) / 'meta.json'} (set "
-                       "model.config.vocab_size to pin it)")
-        model["config"]["vocab_size"] = vocab
-
-
-def _sets_vocab_size(argv: list[str]) -> bool:
-    if any(arg.split("=", 1)[0] == "--model.config.vocab_size" for arg in argv):
-        return True
-    import yaml
-
-    for path in _config_files(argv):
-        try:
-            settings = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError):
-            continue
-        model = settings.get("model") if isinstance(settings, dict) else None
-        model_config = model.get("config") if isinstance(model, dict) else None
-        if isinstance(model_config, dict) and "vocab_size" in model_config:
-            return True
-    return False
-
-
 def check_run(subcommand: str | None, model, trainer) -> None:
     """One line for a run that would do nothing, or not what was meant, before it starts."""
     optim = getattr(model, "optim", None)
@@ -397,87 +364,15 @@ def cli_main(argv: list[str] | None = None, run: bool = True,
     except CerebrasError as err:  # missing cerebras-pytorch, no cluster, refused checkpoint: one line
         raise SystemExit(f"gigagpt: {err}") from None
     except MisconfigurationException as err:  # Lightning's own refusal of a setting, later on
-        raise SystemExit(f"gigagpt: {err}{_no_gpu_hint(err)}") from None
+        raise SystemExit(f"gigagpt: {err}{no_gpu_hint(err)}") from None
     except ArgumentError as err:  # the argument parser refusing an argument or a config file
-        cause = _config_error(err)
-        raise SystemExit(f"gigagpt: {cause if cause is not None else _argument_error(err, argv)}") from None
+        cause = config_error(err)
+        raise SystemExit(f"gigagpt: {cause if cause is not None else argument_error(err, argv)}") from None
     except OSError as err:  # a folder that cannot be made or written, a full disk
-        raise SystemExit(f"gigagpt: {_os_error(err)}") from None
+        raise SystemExit(f"gigagpt: {os_error(err)}") from None
     except Exception as err:
         # A wrong model/optimizer/schedule setting, possibly wrapped by the argument parser.
-        cause = _config_error(err)
+        cause = config_error(err)
         if cause is None:
             raise
         raise SystemExit(f"gigagpt: {cause}") from None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _os_error(err: OSError) -> str:
-    where = f"{err.filename}: " if err.filename else ""
-    return f"{where}{err.strerror or err}; check that the path exists and is writable, and the free space"
-
-
-def _argument_error(err: BaseException, argv: list[str]) -> str:
-    """The parser's complaint in one line; a config file that is not YAML is named with its line."""
-    message = _one_line(err)
-    if "Problems parsing config" in message:
-        for path in _config_files(argv):
-            problem = _yaml_problem(path)
-            if problem:
-                return f"config file {path} is not valid YAML: {problem}"
-    keys = re.findall(r'Parser key "([^"]+)"', message)
-    wrong = re.search(r"Expected a <class '(\w+)'>\. Got value: (\S+)", message)
-    if keys and wrong:  # a nested value of the wrong type: name the full setting, not the Union's story
-        name = ".".join(k for i, k in enumerate(keys) if i == 0 or not k.startswith(keys[0]))
-        return f"{name} must be of type {wrong.group(1)}, got {wrong.group(2)}"
-    return f"{message} (gigagpt {_subcommand(argv)} --help lists the settings)"
-
-
-def _subcommand(argv: list[str]) -> str:
-    return next((a for a in argv if a in TRAINER_COMMANDS), "fit")
-
-
-def _config_files(argv: list[str]) -> list[str]:
-    files = []
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            files.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return files
-
-
-def _yaml_problem(path: str) -> str | None:
-    import yaml
-
-    try:
-        yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        return where + _one_line(getattr(err, "problem", None) or err)
-    except OSError:
-        return None
-    return None
-
-
-def _no_gpu_hint(err: BaseException) -> str:
-    text = str(err).lower()
-    if torch.cuda.is_available() or not ("gpu" in text or "cuda" in text):
-        return ""
-    return (" (this machine has no CUDA GPU: --trainer.accelerator cpu, with a strategy that runs on "
-            "CPUs such as --trainer.strategy auto or ddp; configs/gpu/ are for GPU machines)")
-
-
-def _config_error(err: BaseException | None) -> ConfigError | None:
-    """The ConfigError in ``err``'s chain of causes, if any."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, ConfigError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
