@@ -115,7 +115,9 @@ class GigaCLI(LightningCLI):
                                  "callbacks": [c for c in defaults if not isinstance(c, kind)]}
 
     def parse_arguments(self, parser, args) -> None:
-        self._argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        # the arguments as given: model.config.vocab_size set in them stays (vocabulary_from_data)
+        self._argv = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, tuple)) or \
+            args is None else []
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
