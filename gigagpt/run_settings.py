@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from jsonargparse import Namespace
-from lightning.pytorch.utilities import rank_zero_info
 
 from gigagpt.cli_errors import config_files
 from gigagpt.model import GPTConfig
@@ -25,10 +24,7 @@ def vocabulary_from_data(config: Namespace, argv: list[str]) -> None:
         return
     if model.get("config") is None:
         model["config"] = Namespace(**GPTConfig.from_name("tiny").to_dict())
-    if model["config"].get("vocab_size") != vocab:
-        rank_zero_info(f"gigagpt: model.config.vocab_size {vocab}, from {Path(path) / 'meta.json'} (set "
-                       "model.config.vocab_size to pin it)")
-        model["config"]["vocab_size"] = vocab
+    model["config"]["vocab_size"] = vocab  # documented behaviour: no line of its own on every run
 
 
 def _sets_vocab_size(argv: list[str]) -> bool:
