@@ -213,9 +213,9 @@ class GigaCLI(LightningCLI):
         _overwrite_own_names(self.trainer)
         quiet_resumed_folder(path.parent)
         if 0 <= self.trainer.max_steps <= info["step"]:
-            rank_zero_info(f"gigagpt: {path} is at step {info['step']} and trainer.max_steps is "
-                           f"{self.trainer.max_steps}: nothing left to train; raise trainer.max_steps to train on, "
-                           "or start fresh with --resume never")
+            _note(f"{path} is at step {info['step']} and trainer.max_steps is "
+                  f"{self.trainer.max_steps}: nothing left to train; raise trainer.max_steps to train on, "
+                  "or start fresh with --resume never")
 
     def after_fit(self) -> None:
         for lock in getattr(self, "_run_locks", []):
@@ -291,6 +291,12 @@ def check_run(subcommand: str | None, model, trainer) -> None:
                   f"model.optim.lr={optim.lr}; lower model.optim.warmup_steps for a full schedule")
     check_csx_tools(trainer.strategy)
     # (The data files are checked in GPTDataModule.prepare_data, also before any folder is made.)
+
+
+@rank_zero_only
+def _note(message: str) -> None:
+    sys.stderr.write(f"gigagpt: {message}\n")
+    sys.stderr.flush()
 
 
 @rank_zero_only

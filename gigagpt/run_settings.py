@@ -17,7 +17,7 @@ def vocabulary_from_data(config: Namespace, argv: list[str]) -> None:
     in a config file given (then a mismatch is the data module's clear error)."""
     data, model = config.get("data") or {}, config.get("model")
     path = data.get("path") if hasattr(data, "get") else None
-    if model is None or not path or "://" in str(path) or _sets_vocab_size(argv):
+    if model is None or not isinstance(path, (str, Path)) or not path or "://" in str(path) or _sets_vocab_size(argv):
         return
     vocab = read_meta(path).get("vocab_size") if Path(path, "meta.json").is_file() else None
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
