@@ -8,7 +8,8 @@ from gigagpt.callbacks.guard import NonFiniteGuard, NonFiniteLossError
 from gigagpt.callbacks.progress import ThrottledRichProgressBar
 from gigagpt.callbacks.rng import StepSeed
 from gigagpt.callbacks.samples import TextSamples
+from gigagpt.callbacks.summary import GPTSummary
 from gigagpt.callbacks.throughput import ThroughputMFU, flops_per_token, peak_flops
 
-__all__ = ["NonFiniteGuard", "NonFiniteLossError", "StepSeed", "TextSamples", "ThrottledRichProgressBar",
+__all__ = ["GPTSummary", "NonFiniteGuard", "NonFiniteLossError", "StepSeed", "TextSamples", "ThrottledRichProgressBar",
            "ThroughputMFU", "flops_per_token", "peak_flops"]

@@ -7,28 +7,35 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
 
-import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from gigagpt.accelerators.bridge_errors import CerebrasError
-from gigagpt.callbacks import NonFiniteGuard, StepSeed, TextSamples, ThrottledRichProgressBar, ThroughputMFU
+from gigagpt.callbacks import (
+    GPTSummary,
+    NonFiniteGuard,
+    StepSeed,
+    TextSamples,
+    ThrottledRichProgressBar,
+    ThroughputMFU,
+)
 from gigagpt.checkpoint import AtomicCheckpointIO
+from gigagpt.cli_errors import TRAINER_COMMANDS, argument_error, config_error, no_gpu_hint, os_error
 from gigagpt.data import DataConfigError, GPTDataModule
 from gigagpt.errors import ConfigError
 from gigagpt.machine import apply_cpu_precision
 from gigagpt.model import SHAPE_FIELDS, GPTConfig
 from gigagpt.module import GPTModule
+from gigagpt.quiet import quiet_known_noise, quiet_resumed_folder
 from gigagpt.run_folder import (
     RunLock,
     cstorch_optimizer_state,
@@ -38,8 +45,9 @@ from gigagpt.run_folder import (
     saved_model_config,
     shape_differences,
 )
+from gigagpt.run_settings import run_folders, vocabulary_from_data
 
-TRAINER_COMMANDS = ("fit", "validate", "test")
+quiet_known_noise()
 MAX_SEED = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything and data.seed feed
 
 
@@ -72,24 +80,52 @@ class GigaCLI(LightningCLI):
             help="fit: with 'auto' and no --ckpt_path, continue from the last checkpoint in "
             "checkpoint.dirpath when one exists; 'never' always starts fresh",
         )
+        parser.add_argument(
+            "--run", type=str | None, default=None,
+            help="the run's folder: trainer.default_root_dir, the CSV and TensorBoard logs (RUN/logs, "
+            "RUN/tensorboard) and checkpoint.dirpath (RUN/checkpoints) follow it unless set themselves",
+        )
+        parser.add_argument(
+            "--untrained", type=bool, default=False,
+            help="validate/test: with no --ckpt_path and no checkpoint in checkpoint.dirpath, evaluate the "
+            "model's initial (untrained) weights instead of refusing",
+        )
 
     def instantiate_trainer(self, **kwargs):
         if self._get(self.config_init, "trainer", default={}).get("enable_progress_bar") is False:
             # The default rich bar would make Lightning refuse --trainer.enable_progress_bar false.
-            defaults = self.trainer_defaults.get("callbacks") or []
-            self.trainer_defaults = {**self.trainer_defaults,
-                                     "callbacks": [c for c in defaults if not isinstance(c, ProgressBar)]}
+            self._drop_default(ProgressBar)
+        if self._get(self.config_init, "trainer", default={}).get("enable_model_summary") is False:
+            self._drop_default(ModelSummary)
         apply_cpu_precision(self._get(self.config_init, "trainer", default={}), self.subcommand)
         try:
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError) as err:  # Lightning refusing a Trainer setting
-            raise ConfigError(f"trainer settings: {err}{_no_gpu_hint(err)}") from err
+            raise ConfigError(f"trainer settings: {err}{no_gpu_hint(err)}") from err
         # Atomic, fsynced checkpoint files wherever Lightning's default writer would be used.
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         # Before the loggers make their folders: a refused run leaves nothing behind.
         check_run(self.subcommand, self.model, trainer)
         return trainer
+
+    def _drop_default(self, kind: type) -> None:
+        defaults = self.trainer_defaults.get("callbacks") or []
+        self.trainer_defaults = {**self.trainer_defaults,
+                                 "callbacks": [c for c in defaults if not isinstance(c, kind)]}
+
+    def parse_arguments(self, parser, args) -> None:
+        # the arguments as given: model.config.vocab_size set in them stays (vocabulary_from_data)
+        self._argv = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, tuple)) or \
+            args is None else []
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        run_folders(config)
+        if not config.get("ckpt_path"):  # a given checkpoint decides the shape (_parse_ckpt_path)
+            vocabulary_from_data(config, self._argv)
 
     def _set_seed(self) -> None:
         seed = self._get(self.config, "seed_everything")
@@ -175,6 +211,11 @@ class GigaCLI(LightningCLI):
         rank_zero_info(f"gigagpt: resuming from {path} (step {info['step']}; --resume never to start fresh)")
         config["ckpt_path"] = str(path)
         _overwrite_own_names(self.trainer)
+        quiet_resumed_folder(path.parent)
+        if 0 <= self.trainer.max_steps <= info["step"]:
+            _note(f"{path} is at step {info['step']} and trainer.max_steps is "
+                  f"{self.trainer.max_steps}: nothing left to train; raise trainer.max_steps to train on, "
+                  "or start fresh with --resume never")
 
     def after_fit(self) -> None:
         for lock in getattr(self, "_run_locks", []):
@@ -192,14 +233,48 @@ class GigaCLI(LightningCLI):
                               "the plain Trainer, which cstorch's optimizer does not continue; continue it without "
                               "the Cerebras configs, or start fresh with --resume never (or another "
                               "checkpoint.dirpath)")
+        self._refuse_other_model(path, info, "resume from", "resume with the model.config it was trained "
+                                 "with, or start fresh with --resume never (or another checkpoint.dirpath)")
+
+    def _refuse_other_model(self, path: Path, info: dict, action: str, fix: str) -> None:
         config = getattr(self.model, "config", None)
-        if info["hdf5"] or config is None:
-            return
-        differences = shape_differences(path, config)
+        differences = [] if info["hdf5"] or config is None else shape_differences(path, config)
         if differences:
-            raise ConfigError(f"cannot resume from {path}: it holds a different model "
-                              f"({', '.join(differences)}); resume with the model.config it was trained "
-                              "with, or start fresh with --resume never (or another checkpoint.dirpath)")
+            raise ConfigError(f"cannot {action} {path}: it holds a different model ({', '.join(differences)}); {fix}")
+
+    def before_validate(self) -> None:
+        self._evaluated_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._evaluated_checkpoint("test")
+
+    def _evaluated_checkpoint(self, subcommand: str) -> None:
+        """Without ``--ckpt_path``, ``validate``/``test`` evaluate the run's newest complete checkpoint, as
+        ``fit`` resumes from it; with none, they refuse rather than report the loss of random weights."""
+        config = self.config_init[subcommand]
+        if config.get("ckpt_path") is not None:
+            return
+        folders = checkpoint_dirs(self.trainer)
+        path, info, broken = newest_complete_checkpoint(folders)
+        if path is None:
+            if config.get("untrained"):
+                rank_zero_info(f"gigagpt: {subcommand} evaluates the model's initial (untrained) weights "
+                               "(--untrained true)")
+                return
+            where = " or ".join(str(f) for f in folders) or "the run (no checkpoint.dirpath)"
+            unusable = f" ({len(broken)} incomplete or unreadable)" if broken else ""
+            raise ConfigError(f"{subcommand}: no complete checkpoint in {where}{unusable}, so it would evaluate "
+                              "untrained weights; pass --ckpt_path FILE, train first with gigagpt fit (same "
+                              "config), or add --untrained true to evaluate the initial weights")
+        if info["hdf5"] and "Cerebras" not in type(self.trainer.strategy).__name__:
+            raise ConfigError(f"{subcommand}: the run's newest checkpoint {path} is a Cerebras .mdl; evaluate it "
+                              "with the Cerebras accelerator, or convert it (gigagpt export "
+                              f"{path} {path.with_suffix('.ckpt')}) and pass --ckpt_path")
+        self._refuse_other_model(path, info, "evaluate", "use the model.config it was trained with, or pass "
+                                 "--ckpt_path")
+        rank_zero_info(f"gigagpt: {subcommand} evaluates {path} (step {info['step']}; --ckpt_path to choose "
+                       "another)")
+        config["ckpt_path"] = str(path)
 
 
 def check_run(subcommand: str | None, model, trainer) -> None:
@@ -216,6 +291,12 @@ def check_run(subcommand: str | None, model, trainer) -> None:
                   f"model.optim.lr={optim.lr}; lower model.optim.warmup_steps for a full schedule")
     check_csx_tools(trainer.strategy)
     # (The data files are checked in GPTDataModule.prepare_data, also before any folder is made.)
+
+
+@rank_zero_only
+def _note(message: str) -> None:
+    sys.stderr.write(f"gigagpt: {message}\n")
+    sys.stderr.flush()
 
 
 @rank_zero_only
@@ -276,7 +357,7 @@ def cli_main(argv: list[str] | None = None, run: bool = True,
             args=args,
             run=run,
             auto_configure_optimizers=False,  # the optimizer and schedule are model.optim (OptimConfig)
-            trainer_defaults={"callbacks": [ThrottledRichProgressBar()]},
+            trainer_defaults={"callbacks": [ThrottledRichProgressBar(), GPTSummary()]},
             parser_kwargs={
                 # a wrong argument is one line (cli_main), the usage only on --help
                 "exit_on_error": False,
@@ -291,87 +372,15 @@ def cli_main(argv: list[str] | None = None, run: bool = True,
     except CerebrasError as err:  # missing cerebras-pytorch, no cluster, refused checkpoint: one line
         raise SystemExit(f"gigagpt: {err}") from None
     except MisconfigurationException as err:  # Lightning's own refusal of a setting, later on
-        raise SystemExit(f"gigagpt: {err}{_no_gpu_hint(err)}") from None
+        raise SystemExit(f"gigagpt: {err}{no_gpu_hint(err)}") from None
     except ArgumentError as err:  # the argument parser refusing an argument or a config file
-        cause = _config_error(err)
-        raise SystemExit(f"gigagpt: {cause if cause is not None else _argument_error(err, argv)}") from None
+        cause = config_error(err)
+        raise SystemExit(f"gigagpt: {cause if cause is not None else argument_error(err, argv)}") from None
     except OSError as err:  # a folder that cannot be made or written, a full disk
-        raise SystemExit(f"gigagpt: {_os_error(err)}") from None
+        raise SystemExit(f"gigagpt: {os_error(err)}") from None
     except Exception as err:
         # A wrong model/optimizer/schedule setting, possibly wrapped by the argument parser.
-        cause = _config_error(err)
+        cause = config_error(err)
         if cause is None:
             raise
         raise SystemExit(f"gigagpt: {cause}") from None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _os_error(err: OSError) -> str:
-    where = f"{err.filename}: " if err.filename else ""
-    return f"{where}{err.strerror or err}; check that the path exists and is writable, and the free space"
-
-
-def _argument_error(err: BaseException, argv: list[str]) -> str:
-    """The parser's complaint in one line; a config file that is not YAML is named with its line."""
-    message = _one_line(err)
-    if "Problems parsing config" in message:
-        for path in _config_files(argv):
-            problem = _yaml_problem(path)
-            if problem:
-                return f"config file {path} is not valid YAML: {problem}"
-    keys = re.findall(r'Parser key "([^"]+)"', message)
-    wrong = re.search(r"Expected a <class '(\w+)'>\. Got value: (\S+)", message)
-    if keys and wrong:  # a nested value of the wrong type: name the full setting, not the Union's story
-        name = ".".join(k for i, k in enumerate(keys) if i == 0 or not k.startswith(keys[0]))
-        return f"{name} must be of type {wrong.group(1)}, got {wrong.group(2)}"
-    return f"{message} (gigagpt {_subcommand(argv)} --help lists the settings)"
-
-
-def _subcommand(argv: list[str]) -> str:
-    return next((a for a in argv if a in TRAINER_COMMANDS), "fit")
-
-
-def _config_files(argv: list[str]) -> list[str]:
-    files = []
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            files.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return files
-
-
-def _yaml_problem(path: str) -> str | None:
-    import yaml
-
-    try:
-        yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        return where + _one_line(getattr(err, "problem", None) or err)
-    except OSError:
-        return None
-    return None
-
-
-def _no_gpu_hint(err: BaseException) -> str:
-    text = str(err).lower()
-    if torch.cuda.is_available() or not ("gpu" in text or "cuda" in text):
-        return ""
-    return (" (this machine has no CUDA GPU: --trainer.accelerator cpu, with a strategy that runs on "
-            "CPUs such as --trainer.strategy auto or ddp; configs/gpu/ are for GPU machines)")
-
-
-def _config_error(err: BaseException | None) -> ConfigError | None:
-    """The ConfigError in ``err``'s chain of causes, if any."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, ConfigError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None

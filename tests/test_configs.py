@@ -51,3 +51,24 @@ def test_recipes_match_reference_table():
         optim = cfg["model"]["optim"]
         assert (optim["lr"], optim["warmup_steps"], cfg["trainer"]["max_steps"],
                 cfg["data"]["batch_size"], optim["eps"]) == (lr, warmup, steps, batch, eps), name
+
+
+def _run_folders(cli) -> tuple:
+    trainer = cli.trainer
+    dirpaths = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    return Path(trainer.default_root_dir).resolve(), {Path(lg.save_dir).resolve() for lg in trainer.loggers}, dirpaths
+
+
+def test_one_run_setting_places_logs_and_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    root, logs, ckpts = _run_folders(cli_main(["--config", tiny], run=False))  # the config's own run folder
+    assert root == tmp_path / "runs" / "tiny" and logs == {root} and ckpts == [root / "checkpoints"]
+    cli = cli_main(["--config", tiny, "--run", "runs/other"], run=False)
+    root, logs, ckpts = _run_folders(cli)
+    assert root == tmp_path / "runs" / "other" and logs == {root} and ckpts == [root / "checkpoints"]
+    assert {type(lg).__name__ for lg in cli.trainer.loggers} == {"CSVLogger", "TensorBoardLogger"}
+    # each folder can still be set on its own
+    root, logs, ckpts = _run_folders(cli_main(["--config", tiny, "--run", "runs/other", "--checkpoint.dirpath",
+                                                "elsewhere"], run=False))
+    assert root == tmp_path / "runs" / "other" and ckpts == [tmp_path / "elsewhere"]

@@ -269,3 +269,49 @@ def test_recorded_ranks_are_found_in_tiktokens_cache_by_hash(tmp_path, monkeypat
     assert tokenizer._encoding is cached and tokenizer.decode(tokenizer.encode("Hello")) == "Hello"
     with pytest.raises(FileNotFoundError, match=r"gpt2.tiktoken \(sha256 000000000000.*--tokenizer"):
         find_training_tokenizer({**record, "sha256": "0" * 64}, tmp_path / "run" / "last.ckpt")
+
+
+def _run_folder_with(ckpt: Path, root: Path) -> Path:
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "last.ckpt").write_bytes(ckpt.read_bytes())
+    return root
+
+
+@pytest.mark.parametrize("command", ["validate", "test"])
+def test_validate_and_test_without_ckpt_path_evaluate_the_runs_last_checkpoint(
+        trained, builtin_bytes, tmp_path, command):
+    root = _run_folder_with(trained, tmp_path / "run")
+    cli = cli_main([command, *trainer_args(builtin_bytes, root)], run=True)
+    prefix = "val" if command == "validate" else "test"
+    assert float(cli.trainer.callback_metrics[f"{prefix}/loss"]) == pytest.approx(
+        _expected_val_loss(load_model(trained), builtin_bytes / "val.bin", 2), rel=1e-5)
+
+
+def test_validate_refuses_untrained_weights_unless_asked(builtin_bytes, tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["validate", *trainer_args(builtin_bytes, tmp_path)], run=True)
+    message = str(refused.value)
+    assert message.startswith("gigagpt: ") and "\n" not in message
+    assert "--untrained true" in message and "--ckpt_path" in message
+    cli = cli_main(["validate", *trainer_args(builtin_bytes, tmp_path), "--untrained", "true"], run=True)
+    assert math.isfinite(float(cli.trainer.callback_metrics["val/loss"]))
+
+
+def test_resumed_run_with_nothing_left_to_train_says_so(trained, builtin_bytes, tmp_path, capsys, caplog):
+    root = _run_folder_with(trained, tmp_path / "run")
+    cli_main(["fit", *trainer_args(builtin_bytes, root), "--trainer.max_steps", "2", "--samples.every_n_steps", "0",
+              "--trainer.limit_val_batches", "1"])
+    said = capsys.readouterr().err + caplog.text
+    assert "nothing left to train" in said and "trainer.max_steps" in said
+
+
+def test_vocabulary_follows_the_data_unless_set(builtin_gpt2, builtin_bytes, tmp_path):
+    small = ["--model.config.width", "32", "--model.config.heads", "2", "--model.config.depth", "1",
+             "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--samples.every_n_steps", "0"]
+    cli = cli_main(["fit", *trainer_args(builtin_gpt2, tmp_path / "bpe"), *small])  # tiny.yaml: byte-level
+    assert cli.model.config.vocab_size == 50257
+    bpe = str(ROOT / "configs" / "tiny-bpe.yaml")
+    cli = cli_main([bpe if a == TINY else a for a in trainer_args(builtin_bytes, tmp_path / "bytes")], run=False)
+    assert cli.model.config.vocab_size == 256
+    with pytest.raises(SystemExit, match=r"set model.config.vocab_size >= 50257"):
+        cli_main(["fit", *trainer_args(builtin_gpt2, tmp_path / "set"), *small, "--model.config.vocab_size", "256"])
