@@ -124,6 +124,11 @@ class GigaCLI(LightningCLI):
                 f"{path.with_suffix('.ckpt')}"
             )
         ckpt = peek_checkpoint(path) if path.suffix == ".ckpt" else None
+        if subcommand == "fit" and ckpt is not None and "optimizer_states" not in ckpt:
+            raise ConfigError(
+                f"--ckpt_path {str(path)!r} holds only a model's weights (no optimizer or schedule to resume): "
+                f"to fine-tune from them with a fresh optimizer and schedule, pass --model.init_from {path} instead"
+            )
         if subcommand == "fit" and not on_cerebras and cstorch_optimizer_state(ckpt):
             raise ConfigError(
                 f"--ckpt_path {str(path)!r} was converted from a Cerebras .mdl: its optimizer state is "
@@ -159,6 +164,7 @@ class GigaCLI(LightningCLI):
             self._run_locks = [RunLock(folder).acquire() for folder in folders]
         # (An explicit --ckpt_path takes the model's shape from the checkpoint: _parse_ckpt_path.)
         if config.get("ckpt_path") is not None or config.get("resume", "auto") != "auto":
+            self._resumes_not_init(config.get("ckpt_path"))
             return
         path, info, broken = newest_complete_checkpoint(folders)
         for skipped in broken:
@@ -174,7 +180,14 @@ class GigaCLI(LightningCLI):
         self._check_resume(path, info)
         rank_zero_info(f"gigagpt: resuming from {path} (step {info['step']}; --resume never to start fresh)")
         config["ckpt_path"] = str(path)
+        self._resumes_not_init(path)
         _overwrite_own_names(self.trainer)
+
+    def _resumes_not_init(self, ckpt_path) -> None:
+        """A run that resumes a checkpoint continues it: ``model.init_from`` is for a fresh start only."""
+        if ckpt_path is not None and getattr(self.model, "init_from", None):
+            rank_zero_info(f"gigagpt: model.init_from {self.model.init_from} is not used: the run resumes {ckpt_path}")
+            self.model.init_from = None
 
     def after_fit(self) -> None:
         for lock in getattr(self, "_run_locks", []):
