@@ -218,6 +218,10 @@ class GigaCLI(LightningCLI):
 def check_run(subcommand: str | None, model, trainer) -> None:
     """One line for a run that would do nothing, or not what was meant, before it starts."""
     optim = getattr(model, "optim", None)
+    init_from = getattr(model, "init_from", None)
+    if subcommand == "fit" and init_from and "://" not in init_from and not Path(init_from).exists():
+        raise ConfigError(f"model.init_from {init_from!r} does not exist; give a Hugging Face GPT-2 folder, a "
+                          ".ckpt (or run folder) or a Cerebras .mdl to start from")
     if subcommand == "fit":
         if trainer.max_steps == 0:
             raise ConfigError("trainer.max_steps is 0: the run would train nothing and save no checkpoint; "

@@ -44,11 +44,11 @@ def load_initial_weights(path: str, config: GPTConfig) -> dict[str, torch.Tensor
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"model.init_from {path!r}: {' '.join(str(err).split())}") from None
     ours, theirs = asdict(config), asdict(source.config)
-    changed = [f"{k} {ours[k]} -> {theirs[k]}" for k in ours if k not in _FREE_FIELDS and ours[k] != theirs[k]]
+    changed = [f"{k} {ours[k]} vs {theirs[k]}" for k in ours if k not in _FREE_FIELDS and ours[k] != theirs[k]]
     if changed:
         raise ConfigError(
-            f"model.init_from {path!r} holds a different network ({', '.join(changed)}); set model.config "
-            "to the weights' shape (configs/finetune.yaml is GPT-2 124M's)"
+            f"model.init_from {path!r} holds a different network (model.config vs the weights: "
+            f"{', '.join(changed)}); set model.config to the weights' shape (configs/finetune.yaml is GPT-2 124M's)"
         )
     return source.state_dict()
 
