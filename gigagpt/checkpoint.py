@@ -264,12 +264,13 @@ def check_shapes(model: torch.nn.Module, state_dict: dict, source: str = "checkp
 
 
 # -- Hugging Face folders -----------------------------------------------------------------------------
-def save_hf(model: GPT, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads."""
+def save_hf(model: GPT, out_dir: str | os.PathLike, dtype: torch.dtype | None = None, tokenizer=None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads,
+    with ``tokenizer`` (a :class:`~gigagpt.tokenizer.Tokenizer`) its files for ``AutoTokenizer``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder; give a folder for the Hugging Face model")
-    for name, data in hf.hf_files(model, dtype).items():
+    for name, data in hf.hf_files(model, dtype, tokenizer).items():
         atomic_write(out_dir / name, lambda f, data=data: f.write(data))
     return out_dir
 

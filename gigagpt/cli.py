@@ -160,6 +160,11 @@ class GigaCLI(LightningCLI):
                 f"{path.with_suffix('.ckpt')}"
             )
         ckpt = peek_checkpoint(path) if path.suffix == ".ckpt" else None
+        if subcommand == "fit" and ckpt is not None and "optimizer_states" not in ckpt:
+            raise ConfigError(
+                f"--ckpt_path {str(path)!r} holds only a model's weights (no optimizer or schedule to resume): "
+                f"to fine-tune from them with a fresh optimizer and schedule, pass --model.init_from {path} instead"
+            )
         if subcommand == "fit" and not on_cerebras and cstorch_optimizer_state(ckpt):
             raise ConfigError(
                 f"--ckpt_path {str(path)!r} was converted from a Cerebras .mdl: its optimizer state is "
@@ -195,6 +200,7 @@ class GigaCLI(LightningCLI):
             self._run_locks = [RunLock(folder).acquire() for folder in folders]
         # (An explicit --ckpt_path takes the model's shape from the checkpoint: _parse_ckpt_path.)
         if config.get("ckpt_path") is not None or config.get("resume", "auto") != "auto":
+            self._resumes_not_init(config.get("ckpt_path"))
             return
         path, info, broken = newest_complete_checkpoint(folders)
         for skipped in broken:
@@ -210,12 +216,19 @@ class GigaCLI(LightningCLI):
         self._check_resume(path, info)
         rank_zero_info(f"gigagpt: resuming from {path} (step {info['step']}; --resume never to start fresh)")
         config["ckpt_path"] = str(path)
+        self._resumes_not_init(path)
         _overwrite_own_names(self.trainer)
         quiet_resumed_folder(path.parent)
         if 0 <= self.trainer.max_steps <= info["step"]:
             _note(f"{path} is at step {info['step']} and trainer.max_steps is "
                   f"{self.trainer.max_steps}: nothing left to train; raise trainer.max_steps to train on, "
                   "or start fresh with --resume never")
+
+    def _resumes_not_init(self, ckpt_path) -> None:
+        """A run that resumes a checkpoint continues it: ``model.init_from`` is for a fresh start only."""
+        if ckpt_path is not None and getattr(self.model, "init_from", None):
+            rank_zero_info(f"gigagpt: model.init_from {self.model.init_from} is not used: the run resumes {ckpt_path}")
+            self.model.init_from = None
 
     def after_fit(self) -> None:
         for lock in getattr(self, "_run_locks", []):
@@ -280,6 +293,10 @@ class GigaCLI(LightningCLI):
 def check_run(subcommand: str | None, model, trainer) -> None:
     """One line for a run that would do nothing, or not what was meant, before it starts."""
     optim = getattr(model, "optim", None)
+    init_from = getattr(model, "init_from", None)
+    if subcommand == "fit" and init_from and "://" not in init_from and not Path(init_from).exists():
+        raise ConfigError(f"model.init_from {init_from!r} does not exist; give a Hugging Face GPT-2 folder, a "
+                          ".ckpt (or run folder) or a Cerebras .mdl to start from")
     if subcommand == "fit":
         if trainer.max_steps == 0:
             raise ConfigError("trainer.max_steps is 0: the run would train nothing and save no checkpoint; "

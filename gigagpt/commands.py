@@ -12,7 +12,8 @@ Lightning); everything else goes to the LightningCLI in :mod:`gigagpt.cli`.
 The output format follows the destination: a path ending in ``.ckpt`` is a Lightning checkpoint
 (``GPTModule.load_from_checkpoint`` and ``gigagpt sample`` read it), ``.mdl`` a Cerebras checkpoint
 (needs cerebras-pytorch), anything else a Hugging Face folder (``config.json`` +
-``model.safetensors``).
+``model.safetensors``, ``generation_config.json`` and the tokenizer the checkpoint was trained with:
+``vocab.json``, ``merges.txt``, ``tokenizer_config.json``, which ``AutoTokenizer`` loads).
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
         help="cast the weights (default: keep the source's dtype)",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing destination file")
+    parser.add_argument(
+        "--tokenizer", default=None,
+        help="Hugging Face folders: the tokenizer to write beside the model, 'gpt2', 'bytes' or a GPT-2 "
+        ".tiktoken file (default: the one the checkpoint was trained with)",
+    )
 
 
 def check_destination(destination: Path, force: bool) -> None:
@@ -86,7 +92,23 @@ def check_destination(destination: Path, force: bool) -> None:
                          "export to a .ckpt / Hugging Face folder")
 
 
-def _save(model, destination: Path, dtype) -> tuple[Path, str]:
+def export_tokenizer(source: Path, spec: str | None, vocab_size: int):
+    """The tokenizer an exported Hugging Face folder gets, and how it was found: as given, else the
+    one the checkpoint was trained with (as ``gigagpt sample`` finds it), else the vocabulary's."""
+    from gigagpt.checkpoint import find_checkpoint
+    from gigagpt.sample import default_tokenizer, training_tokenizer, training_tokenizer_file
+    from gigagpt.tokenizer import get_tokenizer
+
+    if spec:
+        return get_tokenizer(spec)
+    if source.is_dir() and (source / "config.json").is_file():
+        raise ValueError(f"{source} is a Hugging Face folder: its own tokenizer files are not copied")
+    path = find_checkpoint(source)
+    found = training_tokenizer(path)
+    return found or get_tokenizer(training_tokenizer_file(path) or default_tokenizer(vocab_size))
+
+
+def _save(model, destination: Path, dtype, tokenizer=None) -> tuple[Path, str]:
     from gigagpt.checkpoint import save_hf, save_lightning_checkpoint
 
     if destination.suffix == ".ckpt":
@@ -96,7 +118,7 @@ def _save(model, destination: Path, dtype) -> tuple[Path, str]:
         from gigagpt.accelerators.checkpoint_io import save_mdl
 
         return save_mdl(model if dtype is None else model.to(dtype), destination), "Cerebras checkpoint"
-    return save_hf(model, destination, dtype=dtype), "Hugging Face GPT2LMHeadModel folder"
+    return save_hf(model, destination, dtype=dtype, tokenizer=tokenizer), "Hugging Face GPT2LMHeadModel folder"
 
 
 def export(args: argparse.Namespace) -> Path:
@@ -110,18 +132,36 @@ def export(args: argparse.Namespace) -> Path:
 
     model = load_model(source)
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    tokenizer, hf_folder = None, destination.suffix not in (".ckpt", ".mdl")
+    if hf_folder:
+        try:
+            tokenizer = export_tokenizer(source, args.tokenizer, model.config.vocab_size)
+        except (OSError, ValueError, RuntimeError) as err:
+            if args.tokenizer:
+                raise
+            sys.stderr.write(f"gigagpt export: warning: the folder gets no tokenizer files ({' '.join(str(err).split())}"
+                             "); pass --tokenizer gpt2, bytes or PATH.tiktoken to add them\n")
     try:
-        out, kind = _save(model, destination, dtype)
+        out, kind = _save(model, destination, dtype, tokenizer)
     except OSError as err:  # an unwritable folder, a full disk: name the destination, not a temp file
         raise ValueError(f"cannot write {destination}: {err.strerror or err}; check that its folder is "
                          "writable and has free space, or choose another destination") from None
     c = model.config
     sys.stdout.write(
-        f"wrote {out} ({kind}; depth {c.depth}, width {c.width}, heads {c.heads}, "
+        f"wrote {out} ({kind}{_tokenizer_note(tokenizer, hf_folder)}; depth {c.depth}, width {c.width}, heads {c.heads}, "
         f"vocab {c.vocab_size}, context {c.max_position_embeddings}, "
         f"{model.num_params() / 1e6:.2f}M parameters)\n"
     )
     return out
+
+
+def _tokenizer_note(tokenizer, hf_folder: bool) -> str:
+    if not hf_folder:
+        return ""
+    if tokenizer is None:
+        return " without a tokenizer"
+    source = getattr(tokenizer, "source_file", None)
+    return f" with the {tokenizer.name} tokenizer{f' of {source}' if source else ''}"
 
 
 class _OneLineParser(argparse.ArgumentParser):

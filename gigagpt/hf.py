@@ -20,7 +20,7 @@ import torch
 
 from gigagpt.errors import ConversionError
 from gigagpt.model import GPT, GPTConfig, fold_mup
-from gigagpt.tokenizer import GPT2_EOT, GPT2_VOCAB
+from gigagpt.tokenizer import EOT_TEXT, GPT2_EOT, GPT2_VOCAB, Tokenizer
 
 HF_INSTALL = 'pip install "gigagpt[hf]"'
 # HF activation names and the gigagpt activation computing the same function.
@@ -204,9 +204,10 @@ def _json_bytes(obj: dict) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
-def hf_files(model: GPT, dtype: torch.dtype | None = None) -> dict[str, bytes]:
+def hf_files(model: GPT, dtype: torch.dtype | None = None, tokenizer: Tokenizer | None = None) -> dict[str, bytes]:
     """The files of a Hugging Face GPT-2 folder holding ``model`` (name -> contents):
-    ``model.safetensors``, ``config.json`` and, for the shipped tokenizers, ``generation_config.json``."""
+    ``model.safetensors``, ``config.json``, for the shipped tokenizers ``generation_config.json``, and
+    with ``tokenizer`` its files (:func:`tokenizer_files`)."""
     st = need_safetensors()
     config = model.config
     hf_config = to_hf_config(config)
@@ -218,4 +219,83 @@ def hf_files(model: GPT, dtype: torch.dtype | None = None) -> dict[str, bytes]:
     if hf_config["eos_token_id"] is not None:
         generation = {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]}
         files["generation_config.json"] = _json_bytes(generation)
+    if tokenizer is not None:
+        files.update(tokenizer_files(tokenizer, config))
     return files
+
+
+# -- tokenizer files --------------------------------------------------------------------------------
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, the alphabet of ``vocab.json`` and ``merges.txt``."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in printable else chr(next(extra)) for b in range(256)}
+
+
+def _split(ranks: dict[bytes, int], token: bytes) -> list[bytes]:
+    """``token`` encoded by byte pair merges of lower rank than its own: the two parts it is merged from."""
+    parts, limit = [bytes([b]) for b in token], ranks[token]
+    while len(parts) > 2:
+        pairs = [(ranks.get(a + b, limit), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank >= limit:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list, in rank order, that reproduces tiktoken's encoding with ``ranks``."""
+    merges = []
+    for token, _ in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            parts = _split(ranks, token)
+            if len(parts) != 2:
+                raise ConversionError(f"the tokenizer's token {token!r} is not a merge of two lower-ranked tokens")
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def tokenizer_files(tokenizer: Tokenizer, config: GPTConfig) -> dict[str, bytes]:
+    """``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` of a byte-level BPE that
+    ``AutoTokenizer`` loads (``GPT2Tokenizer``) and that encodes exactly as ``tokenizer`` does.
+
+    GPT-2 BPE: the vocabulary and merges come from the tiktoken ranks themselves, ``<|endoftext|>``
+    is the end-of-text token. Byte-level (``bytes``): 256 tokens, token id = byte value, no merges;
+    its end-of-text token is byte 0, which no text token stands for, so the tokenizer declares no
+    special tokens (``generation_config.json`` carries ``eos_token_id`` 0).
+    """
+    alphabet = byte_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    if tokenizer.name == "bytes" and tokenizer.vocab_size == 256:
+        vocab, merges, special = {alphabet[b]: b for b in range(256)}, [], None
+    elif getattr(tokenizer._encoding, "_mergeable_ranks", None):
+        ranks = tokenizer._encoding._mergeable_ranks
+        vocab = {text(token): rank for token, rank in ranks.items()}
+        merges = bpe_merges(ranks)
+        special = EOT_TEXT
+        vocab[special] = tokenizer.eot_token
+    else:
+        raise ConversionError(f"tokenizer {tokenizer.name!r} cannot be written as Hugging Face files")
+    if len(vocab) > config.vocab_size:
+        raise ConversionError(f"the tokenizer has {len(vocab)} tokens but the model only {config.vocab_size}")
+    settings = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": config.max_position_embeddings,
+        "add_prefix_space": False,
+        "add_bos_token": False,
+        "bos_token": special,
+        "eos_token": special,
+        "unk_token": special,
+        "pad_token": None,
+        "clean_up_tokenization_spaces": False,
+    }
+    merges_txt = "#version: 0.2\n" + "".join(f"{text(a)} {text(b)}\n" for a, b in merges)
+    return {
+        "vocab.json": (json.dumps(vocab, ensure_ascii=False) + "\n").encode(),
+        "merges.txt": merges_txt.encode(),
+        "tokenizer_config.json": _json_bytes(settings),
+    }

@@ -10,8 +10,11 @@ from dataclasses import asdict, replace
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import MeanMetric
 
+from gigagpt.checkpoint import load_model
+from gigagpt.errors import ConfigError
 from gigagpt.model import GPT, GPTConfig
 from gigagpt.optim import OptimConfig, build_torch_optimizer
 from gigagpt.parallelize import parallelize, sharding_device
@@ -29,6 +32,27 @@ def _as_dataclass(value, cls, what: str):
     raise TypeError(f"{what} must be a {cls.__name__} or a dict, got {type(value).__name__}")
 
 
+# Fields that do not change the function the weights compute (or that only the training uses).
+_FREE_FIELDS = ("dropout", "init_std", "vocab_pad_multiple")
+
+
+def load_initial_weights(path: str, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """The state dict of the network at ``path`` (any file :func:`~gigagpt.checkpoint.load_model`
+    reads), refused in one line when it is not the network ``config`` describes."""
+    try:
+        source = load_model(path)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"model.init_from {path!r}: {' '.join(str(err).split())}") from None
+    ours, theirs = asdict(config), asdict(source.config)
+    changed = [f"{k} {ours[k]} vs {theirs[k]}" for k in ours if k not in _FREE_FIELDS and ours[k] != theirs[k]]
+    if changed:
+        raise ConfigError(
+            f"model.init_from {path!r} holds a different network (model.config vs the weights: "
+            f"{', '.join(changed)}); set model.config to the weights' shape (configs/finetune.yaml is GPT-2 124M's)"
+        )
+    return source.state_dict()
+
+
 class GPTModule(L.LightningModule):
     """Train a GPT with AdamW, warmup + cosine decay, and token-level metrics.
 
@@ -36,6 +60,9 @@ class GPTModule(L.LightningModule):
         config: the network's shape (a :class:`GPTConfig`, or a dict of its fields).
         optim: optimizer and schedule (an :class:`OptimConfig`, or a dict of its fields).
         compile: ``torch.compile`` each block (GPU speed; falls back with a message if it fails).
+        init_from: a fresh ``fit`` starts from these weights (a ``.ckpt`` or run folder, a Cerebras
+            ``.mdl``, a Hugging Face GPT-2 folder) with a fresh optimizer and schedule; ``config``
+            must describe the same network. A run resuming its own checkpoint ignores it.
     """
 
     def __init__(
@@ -43,15 +70,16 @@ class GPTModule(L.LightningModule):
         config: GPTConfig | None = None,
         optim: OptimConfig | None = None,
         compile: bool = False,
+        init_from: str | None = None,
     ):
         super().__init__()
         self.config = _as_dataclass(config or GPTConfig.from_name("tiny"), GPTConfig, "model.config")
         self.optim = _as_dataclass(optim or OptimConfig(), OptimConfig, "model.optim")
         self.compile = compile
+        self.init_from = None if init_from is None else str(init_from)
         # Plain dicts only: a checkpoint then loads with torch.load(weights_only=True).
-        self.save_hyperparameters(
-            {"config": asdict(self.config), "optim": asdict(self.optim), "compile": compile}
-        )
+        self.save_hyperparameters({"config": asdict(self.config), "optim": asdict(self.optim),
+                                   "compile": compile, "init_from": self.init_from})
         self.model: GPT | None = None
         self.val_loss = MeanMetric()
 
@@ -60,6 +88,20 @@ class GPTModule(L.LightningModule):
         """Build the network here, so strategies can create it on meta or sharded devices."""
         if self.model is None:
             self.model = parallelize(self.config, self._strategy(), compile=self.compile)
+            if self.init_from and self._trainer is not None and self.trainer.state.fn == "fit":
+                # (a checkpoint the Trainer resumes is restored after this and takes precedence)
+                self._load_initial_weights()
+
+    def _load_initial_weights(self) -> None:
+        """Copy the weights of ``init_from`` into the freshly built network."""
+        if sharding_device(self._strategy()) is not None:
+            raise ConfigError("model.init_from is not supported with a sharding (FSDP) strategy: fine-tune "
+                              "with DDP or a single device, or convert the weights with gigagpt export first")
+        source = load_initial_weights(self.init_from, self.config)
+        with torch.no_grad():
+            for name, tensor in self.model.state_dict(keep_vars=True).items():
+                tensor.copy_(source[name])
+        rank_zero_info(f"gigagpt: starting from the weights of {self.init_from} (fresh optimizer and schedule)")
 
     def _strategy(self):
         return None if self._trainer is None else self.trainer.strategy
