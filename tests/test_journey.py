@@ -10,16 +10,15 @@ from test_hf_export import greedy_new_tokens
 from gigagpt.checkpoint import load_checkpoint
 from gigagpt.tokenizer import gpt2_from_file
 
-# A CPU-sized model on GPT-2's vocabulary; the run's folders are relative to where it runs.
+# A CPU-sized model; its vocabulary comes from the data (GPT-2's), its folders from the run name.
 CONFIG = """\
 trainer: {accelerator: cpu, devices: 1, precision: 32-true, max_steps: 4, val_check_interval: 4,
-          check_val_every_n_epoch: null, limit_val_batches: 1, log_every_n_steps: 1,
-          default_root_dir: runs/mine, logger: false}
+          check_val_every_n_epoch: null, limit_val_batches: 1, log_every_n_steps: 1, logger: false}
 model:
-  config: {vocab_size: 50257, max_position_embeddings: 64, depth: 1, width: 64, heads: 4}
+  config: {max_position_embeddings: 64, depth: 1, width: 64, heads: 4}
   optim: {lr: 1.0e-3, warmup_steps: 1}
 data: {sequence_length: 64, batch_size: 4, val_batches: 1}
-checkpoint: {dirpath: runs/mine/checkpoints, every_n_train_steps: 4}
+checkpoint: {every_n_train_steps: 4}
 samples: {every_n_steps: 0}
 """
 PROMPT = "The model"
@@ -42,7 +41,7 @@ def test_own_text_to_hugging_face_and_back_to_fine_tuning(tmp_path):
     (tmp_path / "mine.yaml").write_text(CONFIG)
     run_gigagpt("prepare", "my_texts", "-o", "data/mine", "--tokenizer", str(ranks), "--val-fraction", "0.2",
                 "--no-progress", cwd=tmp_path)
-    run_gigagpt("fit", "--config", "mine.yaml", "--data.path", "data/mine", cwd=tmp_path)
+    run_gigagpt("fit", "--config", "mine.yaml", "--data.path", "data/mine", "--run", "runs/mine", cwd=tmp_path)
     ckpt = tmp_path / "runs/mine/checkpoints/last.ckpt"
     trained = sample(ckpt, tmp_path)
     assert trained.startswith(PROMPT)
@@ -53,8 +52,7 @@ def test_own_text_to_hugging_face_and_back_to_fine_tuning(tmp_path):
 
     proc = run_gigagpt("fit", "--config", "mine.yaml", "--data.path", "data/mine", "--model.init_from", "hf/mine",
                        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-                       "--trainer.default_root_dir", "runs/tuned", "--checkpoint.dirpath", "runs/tuned/checkpoints",
-                       cwd=tmp_path)
+                       "--run", "runs/tuned", cwd=tmp_path)
     assert "starting from the weights of hf/mine" in proc.stdout + proc.stderr
     tuned = tmp_path / "runs/tuned/checkpoints/last.ckpt"
     assert load_checkpoint(tuned)["global_step"] == 2  # a fresh optimizer and schedule
