@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from gigagpt.checkpoint import atomic_write
+
 CACHE_ENV = "GIGAGPT_CACHE_DIR"
 _PEAK_FILE = "cpu_peak.json"
 
@@ -153,10 +155,7 @@ def cpu_peak_flops(dtype: torch.dtype, probe: Callable[[torch.dtype, int], float
     entry = cached.get(key) if isinstance(cached.get(key), dict) else {}
     cached[key] = {**entry, name: max(best, float(entry.get(name, 0.0) or 0.0))}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(json.dumps(cached, indent=1, sort_keys=True).encode()))
     except OSError:  # a read-only home: the peak is still right for this process
         pass
     return cached[key][name]
